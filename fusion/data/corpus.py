@@ -41,7 +41,8 @@ def _split_of(name: str) -> str:
 
 
 def _docstring_nodes(tree: ast.Module) -> list[ast.AST]:
-    return [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return [n for n in ast.walk(tree) if isinstance(n, kinds)]
 
 
 def _split_module(source: str) -> tuple[str, str] | None:

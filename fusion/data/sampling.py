@@ -1,0 +1,98 @@
+"""Deterministic, rank-sharded batches whose position in the epoch survives a restart.
+
+Lightning saves the `state_dict()` of a stateful train dataloader in every checkpoint and
+restores it on resume, but it cannot know how many batches the *model* has consumed: the
+DataLoader and Lightning's own fetcher read ahead. So the count is kept here and advanced by
+`ConsumedBatches` after each training batch; a resumed run starts at the first batch that never
+reached the model, so no sample is seen twice and none is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices: shuffled per epoch by `seed + epoch`, split evenly across ranks.
+
+    Every rank gets `len(self)` batches of `batch_size` (the last partial global batch is dropped
+    when `drop_last`, else the indices wrap around so that all ranks stay in step — FSDP and DDP
+    need the same number of forward passes on every rank).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError("EpochBatchSampler needs at least one sample")
+        self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.consumed = 0  # batches of this epoch that reached the model on this rank
+
+    def __len__(self) -> int:
+        per_rank = self.num_samples // self.world_size if self.drop_last else -(-self.num_samples // self.world_size)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch; a new epoch starts from its first batch."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch, in order."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        per_rank_batches = len(self)
+        needed = per_rank_batches * self.batch_size * self.world_size
+        order = (order * (needed // len(order) + 1))[:needed]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = self.epoch_indices()
+        for start in range(self.consumed * self.batch_size, len(indices), self.batch_size):
+            yield indices[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "batches": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed or state.get("batches") != len(self):
+            raise ValueError(
+                f"the checkpoint's data order (seed {state.get('seed')}, {state.get('batches')} batches per epoch) "
+                f"differs from this run's (seed {self.seed}, {len(self)} batches); resume with the same recipe"
+            )
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an `EpochBatchSampler` that Lightning checkpoints and restores."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, **kwargs) -> None:
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class ConsumedBatches(pl.Callback):
+    """Counts each training batch once the model has used it, for `ResumableLoader` state.
+
+    Lightning runs `ModelCheckpoint` after all other callbacks, so the count is up to date
+    when a checkpoint is written in the same `on_train_batch_end`.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            if isinstance(loader, ResumableLoader):
+                loader.batch_sampler.consumed += 1

@@ -1,0 +1,88 @@
+"""The Lightning Trainer of a recipe: strategy, precision, checkpoints, loggers, progress bar."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from fusion.data.sampling import ConsumedBatches
+from fusion.errors import FusionError
+from fusion.recipe import Recipe
+
+# Lightning advertises its cloud logger on every Trainer; one line of noise per stage.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
+
+
+def _layer_classes(names: list[str], model_path: str) -> set[type]:
+    """The `torch.nn.Module` classes called `names`, looked up in transformers' model code."""
+    import transformers
+
+    found = set()
+    for name in names:
+        cls = None
+        for module_name in dir(transformers.models):
+            module = getattr(transformers.models, module_name, None)
+            cls = getattr(module, name, None) if module is not None else None
+            if isinstance(cls, type):
+                break
+        if not isinstance(cls, type):
+            raise FusionError(f"recipe key 'fsdp.wrap': no transformers layer class named {name!r} "
+                              f"(for {model_path}: e.g. LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer)")
+        found.add(cls)
+    return found
+
+
+def build_strategy(recipe: Recipe):
+    """`auto`/`ddp` as Lightning names them; FSDP and DeepSpeed from their recipe sections."""
+    t = recipe.trainer
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend=t.process_group_backend)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        f = recipe.fsdp
+        layers = _layer_classes(f.wrap, recipe.model.path) if f.wrap else None
+        return FSDPStrategy(
+            auto_wrap_policy=layers, activation_checkpointing_policy=layers if f.activation_checkpointing else None,
+            sharding_strategy=f.sharding_strategy, state_dict_type=f.state_dict_type, cpu_offload=f.cpu_offload,
+            process_group_backend=t.process_group_backend, limit_all_gathers=True)
+    if t.strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise FusionError("trainer.strategy 'deepspeed' needs DeepSpeed: pip install deepspeed (GPU machines only)")
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        d = recipe.deepspeed
+        return DeepSpeedStrategy(stage=d.stage, offload_optimizer=d.offload_optimizer,
+                                 offload_parameters=d.offload_parameters,
+                                 process_group_backend=t.process_group_backend)
+    return "auto"
+
+
+def build_trainer(recipe: Recipe, run_dir: Path, loggers: list, callbacks: list = (),
+                  training: bool = True) -> pl.Trainer:
+    """A Trainer for training (checkpoints, resumable data) or evaluation (no checkpoints, no loggers' steps)."""
+    t = recipe.trainer
+    all_callbacks = [TQDMProgressBar(refresh_rate=1 if t.log_every_n_steps < 10 else 10), *callbacks]
+    if training:
+        all_callbacks += [
+            ConsumedBatches(),
+            # Only last.ckpt: resuming needs nothing older, and a 7B checkpoint with optimizer state is ~80 GB.
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
+                            save_last=True, save_top_k=0),
+        ]
+    return pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
+        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches if t.val_every_n_steps else None,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
+        log_every_n_steps=t.log_every_n_steps, logger=loggers or False, callbacks=all_callbacks,
+        enable_checkpointing=training, use_distributed_sampler=False, num_sanity_val_steps=0,
+        default_root_dir=str(run_dir), enable_model_summary=training,
+    )

@@ -1,0 +1,43 @@
+"""Shared fixtures: the small tiny zoo and a data cache, built once per test session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion.zoo import build_zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zoo")
+    build_zoo("small", root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def tiny_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> list[str]:
+    """`dotted.key=value` overrides that make a shipped recipe run in seconds on the small zoo, writing to `out`."""
+    values = {
+        "output_dir": str(out), "zoo.size": "small", "zoo.dir": str(zoo_dir), "data.cache_dir": str(cache_dir),
+        "data.block_size": 64, "data.max_validation_blocks": 8, "trainer.batch_size": 4,
+        "trainer.max_steps": 12, "trainer.val_every_n_steps": 6, "trainer.log_every_n_steps": 1,
+        "trainer.checkpoint_every_n_steps": 5, "trainer.accelerator": "cpu", "wandb.mode": "offline",
+    }
+    values.update(changes)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_fit(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m fusion.fit ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "fusion.fit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)

@@ -214,6 +214,6 @@ def run(recipe: Recipe, extra_callbacks: list[Callable] = ()) -> Run:
             continue
         print(f"[fusion] stage {name}")
         state.finish_stage(name, steps[name]())
-    for logger in state.get_loggers():
+    for logger in state.loggers or []:  # None when every stage was already done
         logger.finalize("success")
     return state

@@ -15,9 +15,14 @@ _BLOCK = 32 * 1024
 _HEADER = 7
 
 
-def wandb_history(run_folder: Path) -> list[dict]:
-    """Every `history` record of the offline run under `run_folder` (the `.../wandb` folder or a run in it)."""
-    (path,) = sorted(Path(run_folder).rglob("run-*.wandb"))[-1:]
+def wandb_history(wandb_folder: Path) -> list[dict]:
+    """Every `history` record under `wandb_folder`, oldest first: a resumed run adds a run folder per process."""
+    paths = sorted(Path(wandb_folder).glob("offline-run-*/run-*.wandb"))
+    assert paths, f"no offline W&B run under {wandb_folder}"
+    return [row for path in paths for row in _history(path)]
+
+
+def _history(path: Path) -> list[dict]:
     data = path.read_bytes()
     assert data.startswith(b":W&B"), f"{path} is not a W&B run file"
     payloads, pending, pos = [], b"", _HEADER

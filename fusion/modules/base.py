@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import lightning.pytorch as pl
 import torch
@@ -93,6 +94,17 @@ class CausalLMModule(pl.LightningModule):
             self.log(key, metric.compute(), prog_bar=name == "overall", sync_dist=False)
             metric.reset()
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the learning-rate schedule.
+
+        Not `trainer.estimated_stepping_batches`: that builds the train loader before Lightning
+        restores the loader's checkpointed position, so a resumed run would restart its epoch.
+        """
+        trainer = self.trainer
+        batches = len(trainer.datamodule.train_dataloader())
+        by_epochs = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+        return max(1, min(by_epochs, trainer.max_steps) if trainer.max_steps > 0 else by_epochs)
+
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self, self.optim_config, int(self.trainer.estimated_stepping_batches))
+        optimizer, scheduler = build_optimizer(self, self.optim_config, self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -79,7 +79,7 @@ def wandb_mode(config: WandbConfig) -> str:
 def build_wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe_dict: dict) -> WandbLogger | None:
     """A WandbLogger writing under `run_dir/wandb`; the run id is kept in the run folder so a resume continues it."""
     mode = wandb_mode(config)
-    if mode == "disabled":
+    if mode == "disabled" or rank_zero_only.rank != 0:  # other ranks would log nothing, but race for the id file
         return None
     id_file = run_dir / "wandb_id"
     if id_file.exists():

@@ -181,10 +181,11 @@ class Run:
 
 
 def generate_sample(model_path: str, prompts: tuple[str, ...] = ("def", "The"), max_new_tokens: int = 40) -> str:
-    """Greedy continuations of `prompts` by the HF model at `model_path`, reloaded from disk.
+    """Sampled continuations of `prompts` by the HF model at `model_path`, reloaded from disk.
 
-    The prompts end without a space: a trailing space marker alone is a rare token that leads
-    small models astray.
+    Seeded top-k sampling, not greedy: greedy decoding of small models collapses into one
+    repeated token (the zoo's target repeats an indentation token). The prompts end without a
+    space: a trailing space marker alone is a rare token that leads small models astray.
     """
     tokenizer = load_tokenizer(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,8 +193,9 @@ def generate_sample(model_path: str, prompts: tuple[str, ...] = ("def", "The"), 
     samples = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        torch.manual_seed(0)
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.7,
                                  pad_token_id=tokenizer.pad_token_id)
         samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
     return "\n---\n".join(samples)

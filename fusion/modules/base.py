@@ -59,6 +59,7 @@ class CausalLMModule(pl.LightningModule):
         if h.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False  # the KV cache only helps generation and costs memory here
+        self.model.train()  # from_pretrained returns eval mode (no dropout); Lightning keeps the mode it finds
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits `[B, T, V]` (V = the model's embedding rows, which may exceed the tokenizer's size)."""
@@ -91,8 +92,7 @@ class CausalLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_perplexity.items():
             key = "val/perplexity" if name == "overall" else f"val/perplexity/{name}"
-            self.log(key, metric.compute(), prog_bar=name == "overall", sync_dist=False)
-            metric.reset()
+            self.log(key, metric, prog_bar=name == "overall")  # Lightning computes (synced) and resets it
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run, for the learning-rate schedule.

@@ -113,3 +113,18 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, dtype", [
+    (["trainer.precision=bf16-true", "optim.name=adamw8bit"], "bfloat16"),
+    (["trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"], "float32"),
+])
+def test_precisions_8bit_adamw_and_checkpointing_train_and_export(tmp_path, zoo_dir, cache_dir, options, dtype):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, zoo_dir, cache_dir, **{"trainer.max_steps": 4, "trainer.val_every_n_steps": 4,
+                                                           "wandb.mode": "disabled"})
+    result = run_fit("--recipe", "clm.yaml", *overrides, *options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == dtype
+    after = json.loads((out / "stages" / "evaluate.json").read_text())["validation"]["after"]
+    assert 1 < after["val/perplexity"] < 1000

@@ -128,3 +128,14 @@ def test_precisions_8bit_adamw_and_checkpointing_train_and_export(tmp_path, zoo_
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == dtype
     after = json.loads((out / "stages" / "evaluate.json").read_text())["validation"]["after"]
     assert 1 < after["val/perplexity"] < 1000
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoint(tmp_path, zoo_dir, cache_dir):
+    out = tmp_path / "nan"
+    overrides = tiny_overrides(out, zoo_dir, cache_dir, **{"optim.lr": 1e6, "trainer.gradient_clip_val": "null",
+                                                           "trainer.checkpoint_every_n_steps": 1,
+                                                           "wandb.mode": "disabled"})
+    result = run_fit("--recipe", "clm.yaml", *overrides)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the training loss became nan")
+    assert (out / "checkpoints" / "last.ckpt").exists() and (out / "stages" / "baseline.json").exists()

@@ -78,6 +78,9 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
+        if not torch.isfinite(loss):  # one host sync per step: negligible next to a step of a real model
+            raise FusionError(f"the training loss became {loss.item()} at step {self.global_step}; lower optim.lr, "
+                              "keep trainer.gradient_clip_val, or use bf16 instead of fp16 (checkpoints are kept)")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss

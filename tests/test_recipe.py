@@ -30,6 +30,8 @@ def test_7b_dry_run_prints_the_plan_without_loading():
     for expected in ("meta-llama/Llama-2-7b-hf", "JeanKaddour/minipile", "fsdp (FULL_SHARD, wrap LlamaDecoderLayer",
                      "bf16-mixed", "lr 1e-05", "weight decay 0.1", "betas (0.9, 0.95)", "warmup 0.008", "8 device(s)"):
         assert expected in result.stdout
+    deepspeed = fit("--recipe", "clm-llama2-7b.yaml", "--dry-run", "trainer.strategy=deepspeed")
+    assert deepspeed.returncode == 0 and "deepspeed (ZeRO stage 2" in deepspeed.stdout
 
 
 def write(tmp_path: Path, changes: dict) -> Path:

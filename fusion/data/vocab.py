@@ -1,0 +1,301 @@
+"""Vocabulary mapping teacher -> target: for each teacher token id, the target token id it stands for.
+
+Fusion compares a teacher's next-token distribution with the target's, but the two tokenizers disagree
+about what a token is. FuseLLM's "MinED" answer: map every teacher token to the target token whose text
+is the same, or else the one at the minimum edit distance (Levenshtein) from it. The result is one int
+array, ``map[teacher_id] -> target_id``, used to move teacher probabilities onto target ids.
+
+Token strings are first brought to one canonical form, the real text they stand for:
+
+- byte-level BPE (GPT-2: ``ByteLevel`` pre-tokenizer/decoder): every char is one byte under GPT-2's
+  byte-to-unicode table (``Ġ`` = space, ``Ċ`` = newline), decoded back to those bytes;
+- SentencePiece style (``Metaspace``): the replacement char ``▁`` is a space;
+- byte fallback (``<0x0A>``, when the model has ``byte_fallback``): that single byte;
+- added tokens: their content as is (it is raw text already).
+
+The bytes are then decoded as UTF-8 with ``surrogateescape``: valid UTF-8 becomes ordinary characters, a
+byte that is not part of a complete character (half of an ``é``, a lone ``<0xC3>``) becomes the lone
+surrogate ``U+DC80 + byte - 0x80``. So ``Ċ`` and ``<0x0A>`` are both ``"\\n"``, ``Ġthe`` and ``▁the`` are
+both ``" the"``, and partial bytes stay comparable across tokenizers (``Ã`` in GPT-2 = ``<0xC3>``).
+
+When several target tokens have the teacher token's text (Llama-style vocabs hold both ``"\n"`` and
+``<0x0A>``), the one of the same kind (byte-fallback token or text piece) wins, then the lowest id; MinED
+ties go to the lowest id.
+
+Special tokens (bos/eos/unk/pad) map to the target's token of the same role (eos first: GPT-2's
+``<|endoftext|>`` is bos, eos, unk and pad at once and is mostly used as eos); they never take part in
+the edit-distance search, and target special tokens are never a MinED candidate for ordinary tokens.
+
+Embedding rows beyond ``len(teacher_tokenizer)`` (NeoX / Qwen pad ``vocab_size`` to a multiple of 64)
+are never produced by the tokenizer; they map to the target's **unk** token (its eos if it has no unk)
+and get ``distance = -1``.
+
+Cost: exact matches are a dict look-up; the rest is ``rapidfuzz.process.cdist`` in row chunks (C++,
+bit-parallel, all cores): a 50 k x 32 k map is ~1.6 G pairs, seconds on two cores; the result is cached
+in an ``.npz`` keyed by both tokenizers' content, so later calls cost a file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from fusion.errors import FusionError
+
+VOCAB_MAP_VERSION = "1"  # bump when the mapping rules change: it is part of the cache key
+SPECIAL_ROLES = ("eos", "bos", "unk", "pad")  # priority order when one token has several roles
+_CHUNK = 512  # teacher rows per cdist call: 512 x 50 k int32 = 100 MB at most
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@dataclass
+class VocabMap:
+    """The teacher -> target map and how each entry was found; all arrays have ``teacher_rows`` entries.
+
+    - ``ids``: int64, the target id of each teacher embedding row;
+    - ``exact``: bool, the canonical strings are equal (or a special token mapped by role);
+    - ``distance``: int32, Levenshtein distance in characters of the canonical forms (0 when exact,
+      -1 for rows beyond the tokenizer, which have no string);
+    - ``special``: bool, mapped by special-token role;
+    - ``n_tokens``: ``len(teacher_tokenizer)``; rows ``n_tokens:`` are padding rows.
+    """
+
+    ids: np.ndarray
+    exact: np.ndarray
+    distance: np.ndarray
+    special: np.ndarray
+    n_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def stats(self) -> dict:
+        """Counts of exact / role / MinED / padding entries and the mean distance of the MinED ones."""
+        rows = np.arange(len(self.ids))
+        mined = ~self.exact & (rows < self.n_tokens)
+        return {
+            "rows": len(self.ids),
+            "exact": int((self.exact & ~self.special).sum()),
+            "special": int(self.special.sum()),
+            "mined": int(mined.sum()),
+            "padding": int(len(self.ids) - self.n_tokens),
+            "mean_distance": float(self.distance[mined].mean()) if mined.any() else 0.0,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# canonical token strings
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: printable char -> the byte it stands for (256 entries).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, 0x7F-0xA0, 0xAD) are
+    moved to U+0100 onwards in byte order, so space is ``Ġ`` (U+0120) and newline ``Ċ`` (U+010A).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    moved = [b for b in range(256) if b not in set(printable)]
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _components(node) -> list[dict]:
+    """A pre-tokenizer / decoder spec (or None) flattened: Sequence entries in order."""
+    if not node:
+        return []
+    inner = node.get("pretokenizers") or node.get("decoders")
+    if node.get("type") == "Sequence" and inner:
+        return [c for n in inner for c in _components(n)]
+    return [node]
+
+
+def tokenizer_family(tokenizer) -> tuple[str, str | None, bool]:
+    """``(family, space_marker, byte_fallback)`` read from a fast tokenizer's backend spec.
+
+    ``family`` is ``"byte-level"`` (a ByteLevel pre-tokenizer or decoder), ``"metaspace"`` (Metaspace, or a
+    decoder that replaces a marker with a space), or ``"plain"``; ``space_marker`` is the metaspace char.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise FusionError(f"{type(tokenizer).__name__} has no backend_tokenizer: vocabulary mapping needs a "
+                          "fast (Rust) tokenizer; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    spec = json.loads(backend.to_str())
+    parts = _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder"))
+    byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+    for part in parts:
+        if part.get("type") == "ByteLevel":
+            return "byte-level", None, byte_fallback
+    for part in parts:
+        if part.get("type") == "Metaspace":
+            return "metaspace", part.get("replacement", "▁"), byte_fallback
+        if part.get("type") == "Replace" and part.get("content") == " ":
+            pattern = part.get("pattern", {}).get("String")
+            if pattern and len(pattern) == 1:
+                return "metaspace", pattern, byte_fallback
+    return "plain", None, byte_fallback
+
+
+def canonical_tokens(tokenizer) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The canonical string of every id ``0..len(tokenizer)-1``, a bool mask of the special tokens and
+    one of the byte-fallback tokens (``<0xNN>``).
+
+    Canonical = the token's real text as UTF-8 bytes decoded with ``surrogateescape`` (see the module
+    docstring). Special tokens keep their content; callers map them by role instead.
+    """
+    family, marker, byte_fallback = tokenizer_family(tokenizer)
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken: content is raw text, not byte-level coded
+    special = np.zeros(n, dtype=bool)
+    byte = np.zeros(n, dtype=bool)
+    special_ids = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    out = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            raise FusionError(f"tokenizer id {i} has no token although len(tokenizer) = {n}: its ids have holes")
+        if i in special_ids and i < n:
+            special[i] = True
+        if i in added:
+            data = added[i].content.encode()
+        elif byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
+            data = bytes([int(m.group(1), 16)])
+            byte[i] = True
+        elif family == "byte-level":
+            data = b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode() for c in piece)
+        elif family == "metaspace":
+            data = piece.replace(marker, " ").encode()
+        else:
+            data = piece.encode()
+        out.append(data.decode("utf-8", errors="surrogateescape"))
+    return out, special, byte
+
+
+def _role_ids(tokenizer) -> dict[str, int]:
+    """Special-token role -> id, for the roles of SPECIAL_ROLES that the tokenizer has."""
+    roles = {}
+    for role in SPECIAL_ROLES:
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None and 0 <= token_id < len(tokenizer):
+            roles[role] = int(token_id)
+    return roles
+
+
+# ----------------------------------------------------------------------------------------------------
+# the map
+
+
+def compute_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | None = None) -> VocabMap:
+    """Build the map (no cache); ``teacher_rows`` = the teacher model's embedding rows (config vocab_size),
+    ``len(teacher_tokenizer)`` when None."""
+    n_teacher = len(teacher_tokenizer)
+    rows = n_teacher if teacher_rows is None else int(teacher_rows)
+    if rows < n_teacher:
+        raise FusionError(f"the teacher model has {rows} embedding rows but its tokenizer {n_teacher} tokens: "
+                          "tokenizer and model do not belong together")
+    teacher, teacher_special, teacher_byte = canonical_tokens(teacher_tokenizer)
+    target, target_special, target_byte = canonical_tokens(target_tokenizer)
+    target_roles = _role_ids(target_tokenizer)
+    if not target_roles:
+        raise FusionError("the target tokenizer has none of the bos/eos/unk/pad tokens to map padding rows to")
+
+    ids = np.zeros(rows, dtype=np.int64)
+    exact = np.zeros(rows, dtype=bool)
+    special = np.zeros(rows, dtype=bool)
+    distance = np.zeros(rows, dtype=np.int32)
+
+    # Rows without a token: the target's unk (else its eos, else any role it has).
+    padding_id = target_roles.get("unk", target_roles.get("eos", next(iter(target_roles.values()))))
+    ids[n_teacher:] = padding_id
+    distance[n_teacher:] = -1
+
+    # Special tokens by role, the first role (in SPECIAL_ROLES order) that the target also has.
+    teacher_roles = _role_ids(teacher_tokenizer)
+    for role in SPECIAL_ROLES:
+        tid = teacher_roles.get(role)
+        if tid is not None and role in target_roles and not special[tid]:
+            ids[tid], exact[tid], special[tid] = target_roles[role], True, True
+
+    # Candidates: the target's ordinary tokens in id order, so argmin / first-seen ties pick the lowest id.
+    candidates = np.flatnonzero(~target_special)
+    # Exact matches: a target may spell one text twice, e.g. "\n" as a merged piece and as <0x0A>. The
+    # piece of the same kind wins (byte token for byte token, text for text: identical tokenizers give the
+    # identity, and a text token maps to the piece the target tokenizer really emits), then the lowest id.
+    lookup: dict[tuple[str, bool], int] = {}
+    for j in candidates:
+        lookup.setdefault((target[j], bool(target_byte[j])), int(j))
+
+    todo = []
+    for i in range(n_teacher):
+        if special[i]:
+            continue
+        same = lookup.get((teacher[i], bool(teacher_byte[i])))
+        j = same if same is not None else lookup.get((teacher[i], not teacher_byte[i]))
+        if not teacher_special[i] and j is not None:
+            ids[i], exact[i] = j, True
+        else:  # also teacher special tokens without a role the target has: nearest ordinary target token
+            todo.append(i)
+
+    choices = [target[j] for j in candidates]
+    for start in range(0, len(todo), _CHUNK):
+        rows_i = todo[start:start + _CHUNK]
+        d = process.cdist([teacher[i] for i in rows_i], choices, scorer=Levenshtein.distance,
+                          dtype=np.int32, workers=-1)
+        best = d.argmin(axis=1)  # first minimum = lowest target id
+        ids[rows_i] = candidates[best]
+        distance[rows_i] = d[np.arange(len(rows_i)), best]
+    exact[:n_teacher] |= (distance[:n_teacher] == 0) & ~special[:n_teacher]
+    return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher)
+
+
+def vocab_map_key(teacher_tokenizer, target_tokenizer, teacher_rows: int) -> str:
+    """A hex digest of everything the map depends on: both tokenizers' specs and special tokens, the rows."""
+    digest = hashlib.sha256(f"vocab-map v{VOCAB_MAP_VERSION} rows={teacher_rows}\n".encode())
+    for tok in (teacher_tokenizer, target_tokenizer):
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise FusionError(f"{type(tok).__name__} has no backend_tokenizer: vocab mapping needs a fast tokenizer")
+        digest.update(backend.to_str().encode())
+        digest.update(json.dumps(_role_ids(tok), sort_keys=True).encode())
+        digest.update(json.dumps(sorted(tok.all_special_ids)).encode())
+    return digest.hexdigest()[:24]
+
+
+def build_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | None = None,
+                    cache_dir: str | Path | None = None) -> VocabMap:
+    """The teacher -> target map, loaded from ``cache_dir/vocab-map-<key>.npz`` when there, else computed
+    (and saved there when ``cache_dir`` is given). ``teacher_rows`` defaults to ``len(teacher_tokenizer)``."""
+    rows = len(teacher_tokenizer) if teacher_rows is None else int(teacher_rows)
+    if cache_dir is None:
+        return compute_vocab_map(teacher_tokenizer, target_tokenizer, rows)
+    cache_dir = Path(cache_dir).expanduser()
+    path = cache_dir / f"vocab-map-{vocab_map_key(teacher_tokenizer, target_tokenizer, rows)}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return VocabMap(ids=data["ids"], exact=data["exact"], distance=data["distance"],
+                            special=data["special"], n_tokens=int(data["n_tokens"]))
+    vmap = compute_vocab_map(teacher_tokenizer, target_tokenizer, rows)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".vocab-map-", suffix=".npz", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:  # written aside, renamed into place: readers never see half a file
+            np.savez(f, ids=vmap.ids, exact=vmap.exact, distance=vmap.distance, special=vmap.special,
+                     n_tokens=np.int64(vmap.n_tokens))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return vmap

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from fusion.loggers import JsonlLogger, build_wandb_logger
 from fusion.recipe import Recipe, module_class, to_dict
 from fusion.report import plot_curves, write_results
 from fusion.trainer import build_trainer
-from fusion.zoo import build_zoo, is_zoo_ref, resolve_model
+from fusion.zoo import resolve_model
 
 STAGES = ("baseline", "train", "export", "evaluate")
 # Keys that may change between a run and its resumption without changing what is computed.
@@ -70,9 +69,7 @@ class Run:
         self.dir = self.recipe.run_dir
         self.loggers: list | None = None
         self._datamodule: TextDataModule | None = None
-        if is_zoo_ref(self.recipe.model.path) or is_zoo_ref(self.recipe.model.tokenizer or ""):
-            build_zoo(self.recipe.zoo.size, self.recipe.zoo.dir)
-        z = self.recipe.zoo
+        z = self.recipe.zoo  # zoo:NAME paths build the zoo on first use
         self.model_path = resolve_model(self.recipe.model.path, z.size, z.dir)
         self.tokenizer_path = resolve_model(self.recipe.model.tokenizer or self.recipe.model.path, z.size, z.dir)
 
@@ -201,7 +198,7 @@ def generate_sample(model_path: str, prompts: tuple[str, ...] = ("def", "The"), 
     return "\n---\n".join(samples)
 
 
-def run(recipe: Recipe, extra_callbacks: list[Callable] = ()) -> Run:
+def run(recipe: Recipe, extra_callbacks: list[pl.Callback] = ()) -> Run:
     """Run (or resume) every unfinished stage of the recipe."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked DataLoader workers otherwise warn
     pl.seed_everything(recipe.seed, workers=True, verbose=False)

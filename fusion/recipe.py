@@ -84,6 +84,45 @@ class DataConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A model whose next-token distributions the target learns from (a FuseLLM "source")."""
+
+    path: str
+    """A Hugging Face hub id, a local HF folder, or `zoo:NAME`. The target itself may be one (FuseLLM includes it)."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `path`."""
+    name: str | None = None
+    """Label in tables and logs; default: the last part of `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for extraction; `auto` = bfloat16 on GPUs, float32 on CPUs."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """bitsandbytes loading: `8bit` (LLM.int8) or `4bit` (NF4, bf16 compute) to fit big teachers on small GPUs."""
+    trust_remote_code: bool = False
+    """Needed by models with code on the hub, e.g. MPT-7B."""
+    attn_implementation: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+@dataclass
+class RepresentationsConfig:
+    """How the teachers' top-k distributions are computed and stored (`fusion.data.store`)."""
+
+    top_k: int = 10
+    """Candidates kept per position (the paper: 10)."""
+    batch_size: int = 8
+    """Chunks per forward pass per device."""
+    chunks_per_shard: int = 256
+    """Chunks per shard file: the unit of resumption (a killed extraction loses at most one shard per device)."""
+    dir: str | None = None
+    """Where shards are kept, shared by all runs; default `$FUSION_CACHE/representations` or `~/.cache/fusion/...`."""
+    max_chunks: int | None = None
+    """Use only the first N training chunks (a slice of a big corpus); None = all."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -176,6 +215,9 @@ class Recipe:
     """Dotted path of a LightningModule subclass to train with; default: the method's own module."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """Source models for fusion methods, any number, any tokenizers."""
+    representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -372,8 +414,30 @@ def check(recipe: Recipe) -> None:
         _fail("optim.name", "adamw8bit does not work under DeepSpeed, which manages its own optimizer; use adamw")
     if t.precision == "16-mixed" and t.strategy == "fsdp":
         _fail("trainer.precision", "use bf16-mixed or bf16-true with FSDP; fp16 needs a sharded grad scaler")
+    _check_teachers(recipe)
     if recipe.module_class:
         module_class(recipe)
+
+
+def _check_teachers(recipe: Recipe) -> None:
+    from fusion.zoo import ZOO_MODELS
+
+    labels = [t.label for t in recipe.teachers]
+    for i, teacher in enumerate(recipe.teachers):
+        for key in ("path", "tokenizer"):
+            ref = getattr(teacher, key)
+            if ref:
+                check_location(ref, f"teachers[{i}].{key}", "teacher")
+                if ref.startswith("zoo:") and ref[4:] not in ZOO_MODELS:
+                    _fail(f"teachers[{i}].{key}", f"{ref!r} is not in the zoo; use one of "
+                          + ", ".join("zoo:" + m for m in ZOO_MODELS))
+        if labels.count(teacher.label) > 1:
+            _fail(f"teachers[{i}].name", f"two teachers are called {teacher.label!r}; give them distinct names")
+    rep = recipe.representations
+    for key, value in (("top_k", rep.top_k), ("batch_size", rep.batch_size),
+                       ("chunks_per_shard", rep.chunks_per_shard), ("max_chunks", rep.max_chunks or 1)):
+        if value < 1:
+            _fail(f"representations.{key}", f"must be at least 1, got {value}")
 
 
 def module_class(recipe: Recipe) -> type:

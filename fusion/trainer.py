@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,6 +16,9 @@ from fusion.recipe import Recipe
 
 # Lightning advertises its cloud logger on every Trainer; one line of noise per stage.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
+# Our batch samplers are exact by construction; Lightning cannot know and warns on every predict/validate.
+warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def _layer_classes(names: list[str], model_path: str) -> set[type]:
@@ -86,3 +90,20 @@ def build_trainer(recipe: Recipe, run_dir: Path, loggers: list, callbacks: list 
         enable_checkpointing=training, use_distributed_sampler=False, num_sanity_val_steps=0,
         default_root_dir=str(run_dir), enable_model_summary=training,
     )
+
+
+def build_predict_trainer(recipe: Recipe, callbacks: list = ()) -> pl.Trainer:
+    """A Trainer for `Trainer.predict` (teacher extraction): DDP over the recipe's devices, no loggers.
+
+    Never FSDP or DeepSpeed: a teacher only runs forward, and each device holds its own copy (use
+    `teachers[].quantization` when one does not fit).
+    """
+    t = recipe.trainer
+    strategy = "auto"
+    if t.strategy != "auto":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=t.process_group_backend)
+    return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+                      logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      use_distributed_sampler=False, callbacks=[TQDMProgressBar(refresh_rate=1), *callbacks])

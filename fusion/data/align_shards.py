@@ -1,0 +1,98 @@
+"""Token alignments of a teacher's shards to the target's chunks, computed once and kept next to the shards.
+
+For each shard of a teacher store (`fusion.data.store`) and one alignment mode, the file
+``<teacher folder>/align-<mode>-<key>/shard-NNNNN.npz`` holds, for every chunk of the shard, the
+``src`` array of `fusion.data.alignment.align` (int32, one entry per target position), concatenated,
+with ``offsets`` into it. ``key`` covers the target tokenizer, the chunking and the vocabulary map,
+so a different target gets its own alignments. Shards are aligned in parallel worker processes,
+each written atomically: a killed run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusion.data.alignment import TokenTable, align_many
+from fusion.data.chunks import load_chunk_set
+from fusion.data.store import TeacherStore, atomic_write
+
+_ALIGN_FORMAT = 1
+_BATCH = 64  # chunks per align_many call: enough to share numpy's per-call overhead
+
+_worker: dict = {}  # per worker process: the tables and map, sent once by the pool initializer
+
+
+def alignment_folder(store: TeacherStore, mode: str, target_fingerprint: str, vocab_ids: np.ndarray) -> Path:
+    digest = hashlib.sha256(json.dumps([_ALIGN_FORMAT, mode, target_fingerprint]).encode())
+    digest.update(np.ascontiguousarray(vocab_ids, dtype=np.int64).tobytes())
+    return store.folder / f"align-{mode}-{digest.hexdigest()[:12]}"
+
+
+def _init(store: TeacherStore, target_table: TokenTable, teacher_table: TokenTable, mode: str,
+          vocab_ids: np.ndarray, chunk_folder: Path, folder: Path) -> None:
+    _worker.update(store=store, target_table=target_table, teacher_table=teacher_table, mode=mode,
+                   vocab_ids=vocab_ids, chunks=load_chunk_set(chunk_folder)[0], folder=folder)
+
+
+def _align_shard(shard: int) -> tuple[int, int]:
+    """Align one shard (in a worker); returns (positions, fallbacks)."""
+    w = _worker
+    data = w["store"].read_shard(shard)
+    first = int(data.chunk_ids[0])  # chunk ids are row numbers of the chunk set
+    targets = w["chunks"][first:first + len(data.chunk_ids)]
+    srcs = []
+    for start in range(0, len(data.chunk_ids), _BATCH):
+        sequences = [(np.asarray(targets["input_ids"][i]), data.chunk(i)["tokens"], targets["ends_document"][i],
+                      targets["nbytes"][i]) for i in range(start, min(start + _BATCH, len(data.chunk_ids)))]
+        srcs += align_many(sequences, w["target_table"], w["teacher_table"], w["mode"], w["vocab_ids"])
+    src = np.concatenate(srcs).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in srcs])]).astype(np.int64)
+    path = w["folder"] / f"shard-{shard:05d}.npz"
+    atomic_write(path, lambda f: np.savez(f, src=src, offsets=offsets))
+    return len(src), int((src < 0).sum())
+
+
+def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, target_table: TokenTable,
+                  teacher_table: TokenTable, mode: str, vocab_ids: np.ndarray, target_fingerprint: str,
+                  workers: int = 1, label: str = "") -> dict:
+    """Compute the missing alignment files of ``shards``; returns ``{"positions", "fallback", "rate"}``
+    over all of them (finished earlier or now; the counts are kept in ``stats.json``).
+
+    ``chunk_folder`` is the chunk set the store was computed on (`fusion.data.chunks`).
+    """
+    folder = alignment_folder(store, mode, target_fingerprint, vocab_ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    stats_file = folder / "stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    todo = [s for s in shards if not (folder / f"shard-{s:05d}.npz").exists() or str(s) not in stats]
+    if todo:
+        args = (store, target_table, teacher_table, mode, vocab_ids, chunk_folder, folder)
+        progress = tqdm(total=len(todo), desc=f"aligning {label} ({mode})", unit="shard")
+        if workers > 1:
+            with ProcessPoolExecutor(workers, initializer=_init, initargs=args) as pool:
+                for shard, counts in zip(todo, pool.map(_align_shard, todo)):
+                    stats[str(shard)] = counts
+                    atomic_write(stats_file, lambda f: f.write(json.dumps(stats).encode()))
+                    progress.update()
+        else:
+            _init(*args)
+            for shard in todo:
+                stats[str(shard)] = _align_shard(shard)
+                atomic_write(stats_file, lambda f: f.write(json.dumps(stats).encode()))
+                progress.update()
+        progress.close()
+    positions = sum(stats[str(s)][0] for s in shards)
+    fallback = sum(stats[str(s)][1] for s in shards)
+    return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1), "folder": str(folder)}
+
+
+def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(src, offsets)`` of one shard: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``."""
+    with np.load(folder / f"shard-{shard:05d}.npz") as data:
+        return data["src"], data["offsets"]

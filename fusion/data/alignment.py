@@ -1,0 +1,276 @@
+"""Token alignment: which teacher prediction serves which target position, on the same text chunk.
+
+Both models read the same chunk of text, each with its own tokenizer, laid out the same way:
+``[start] + text tokens + [eos if the chunk ends a document]``, where ``start`` is the tokenizer's
+BOS token (its EOS if it has none, as GPT-2 is used). The convention, for a target of ``T`` tokens:
+
+    target position ``i`` (0 <= i < T-1) predicts target token ``i+1``; the teacher's prediction at
+    teacher position ``j`` predicts teacher token ``j+1``. ``src[i] = j`` when teacher token ``j+1``
+    is aligned with target token ``i+1``, so both predictions follow the same text prefix; else
+    ``src[i] = -1`` and position ``i`` falls back to a one-hot on the gold target token ``i+1``.
+
+So target position 0 (the start token) gets the teacher's prediction of its first text token from
+the teacher's start token, when the first tokens align; the last text position gets the teacher's
+EOS prediction when the chunk ends a document. (FuseLLM's code put its fallback one-hot on target
+token ``i``, which position ``i`` does not predict; we never do.)
+
+Three modes:
+
+- ``mined`` (the paper's MinED): dynamic time warping over the two token strings with Levenshtein
+  cost; a target token aligned one-to-one with a teacher token is accepted when the strings are
+  equal or the MinED vocabulary map sends the teacher token to that target token; one-to-many and
+  many-to-one stretches fall back;
+- ``exact``: the same path, accepted only when the strings are equal (the paper's EM ablation;
+  candidates without an exact vocabulary match are also dropped, see `aligned_distribution`);
+- ``offsets``: no DTW: target token ``i+1`` and teacher token ``j+1`` are aligned when they span the
+  same bytes of the text: both predictions follow exactly the same prefix and their gold tokens are
+  the same text. Exact by construction, and a vectorised search instead of a DP.
+
+Token strings and byte offsets come from the canonical forms of `fusion.data.vocab` (``Ġ``/``▁``
+spaces, ``<0xNN>`` bytes decoded): a tokenizer's text tokens spell the text, possibly with one
+prepended space (SentencePiece-style ``add_dummy_prefix``), which is trimmed. Spans are in bytes, so
+byte-fallback tokens of one character (``<0xC3><0xA9>`` = "é") get one byte each.
+
+Speed: the DTW is banded (Sakoe-Chiba style) around the byte-offset diagonal: target token ``a``
+is only compared with teacher tokens that overlap its bytes, plus ``BAND`` tokens either side, so
+cost and time are linear in the chunk length instead of quadratic; each DP row is a few vectorised
+numpy operations (the left-move recurrence is a cumulative-min scan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from fusion.data.vocab import canonical_tokens
+
+MODES = ("mined", "exact", "offsets")
+BAND = 8  # teacher tokens compared beyond the byte overlap, each side: room for DTW detours (whitespace runs)
+
+
+@dataclass
+class TokenTable:
+    """What alignment needs to know about one tokenizer's ids: canonical strings and byte lengths."""
+
+    strings: list[str]
+    nbytes: np.ndarray  # int64 [len(tokenizer)]
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenTable:
+        strings, _, _ = canonical_tokens(tokenizer)
+        nbytes = np.array([len(s.encode("utf-8", "surrogateescape")) for s in strings], dtype=np.int64)
+        return cls(strings=strings, nbytes=nbytes)
+
+
+def byte_spans(text_ids: np.ndarray, table: TokenTable, text_nbytes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(starts, ends, prefix)``: each text token's byte span in the text, and how many bytes the
+    tokenizer prepended (0, or 1 for a dummy-prefix space). Spans of prefix bytes are clipped to 0."""
+    lengths = table.nbytes[text_ids]
+    ends = np.cumsum(lengths)
+    prefix = int(ends[-1]) - text_nbytes if len(ends) else 0
+    prefix = prefix if 0 <= prefix <= 1 else 0  # a normalising tokenizer: offsets are approximate
+    ends = ends - prefix
+    starts = np.maximum(ends - lengths, 0)
+    return starts, np.maximum(ends, 0), prefix
+
+
+def _offsets_pairs(target: tuple, teacher: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Text-token index pairs ``(a, b)`` spanning the same bytes (empty spans, such as a dummy-prefix
+    ``▁`` token, included: they match only an empty span at the same place)."""
+    scale = int(max(target[1].max(initial=0), teacher[1].max(initial=0))) + 1
+    t_keys = target[0] * scale + target[1]
+    u_keys = teacher[0] * scale + teacher[1]  # nondecreasing: spans follow each other in the text
+    at = np.searchsorted(u_keys, t_keys).clip(max=len(u_keys) - 1)
+    a = np.flatnonzero(u_keys[at] == t_keys)
+    return a, at[a]
+
+
+def _band(target: tuple, teacher: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per target token ``a``, the teacher window ``[lo[a], hi[a])``: overlapping tokens plus BAND."""
+    (ts, te), (us, ue) = target[:2], teacher[:2]
+    m = len(us)
+    lo = np.searchsorted(ue, ts, side="right") - BAND  # teacher tokens ending at or before a's start
+    hi = np.searchsorted(us, te, side="left") + BAND  # teacher tokens starting before a's end
+    lo = np.maximum.accumulate(lo.clip(0, m - 1))
+    hi = np.maximum.accumulate(hi.clip(1, m))
+    lo[0], hi[-1] = 0, m
+    hi = np.maximum(hi, lo + 1)
+    lo[1:] = np.minimum(lo[1:], hi[:-1])  # every row reaches the previous one (diagonal or up move)
+    return lo, hi
+
+
+_BIG = 1e9  # cost of cells outside a band: finite, so sums stay exact integers in float64 (< 2**53)
+
+
+def _dtw_pairs(items: list[tuple[list[str], list[str], tuple, tuple]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each ``(target_strings, teacher_strings, target_spans, teacher_spans)``, the one-to-one pairs
+    ``(a, b)`` on the banded DTW path between the two text-token sequences.
+
+    All items advance through their DP rows together, so each numpy call works on ``[items, band]``
+    arrays and the per-call overhead is shared: this, not the arithmetic, is what bounds speed.
+    """
+    bands = [_band(target, teacher) for _, _, target, teacher in items]
+    n_rows = [len(t) for t, _, _, _ in items]
+    n, w_max = max(n_rows), max(int((hi - lo).max()) for lo, hi in bands)
+    cost = np.full((len(items), n, w_max), _BIG)
+    lo_all = np.zeros((len(items), n), dtype=np.int64)
+    # Distances of distinct string pairs only: whitespace and common pieces repeat a lot.
+    codes: dict[str, int] = {}
+    keys, where = [], []
+    for i, ((t_str, u_str, _, _), (lo, hi)) in enumerate(zip(items, bands)):
+        t_code = np.array([codes.setdefault(x, len(codes)) for x in t_str], dtype=np.int64)
+        u_code = np.array([codes.setdefault(x, len(codes)) for x in u_str], dtype=np.int64)
+        width = hi - lo
+        rows = np.repeat(np.arange(len(t_str)), width)
+        offset = np.arange(len(rows)) - np.repeat(np.cumsum(width) - width, width)
+        keys.append((t_code[rows], u_code[lo[rows] + offset]))
+        where.append((np.full(len(rows), i), rows, offset))
+        lo_all[i, :len(lo)], lo_all[i, len(lo):] = lo, lo[-1]
+    strings = list(codes)
+    pair_keys = np.concatenate([t * len(strings) + u for t, u in keys])
+    unique, inverse = np.unique(pair_keys, return_inverse=True)
+    distances = process.cpdist([strings[k] for k in (unique // len(strings)).tolist()],
+                               [strings[k] for k in (unique % len(strings)).tolist()],
+                               scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    cost[tuple(np.concatenate(parts) for parts in zip(*where))] = distances[inverse]
+
+    # moves[i, a, t]: how cell (a, lo[a] + t) was reached: 0 diagonal, 1 up, 2 left. Ties prefer
+    # diagonal, then up, then left (FuseLLM's order).
+    moves = np.zeros((len(items), n, w_max), dtype=np.int8)
+    moves[:, 0, 1:] = 2  # row 0 is reached from (0, 0) by left moves only
+    total = np.cumsum(cost[:, 0], axis=1)
+    padded = np.full((len(items), 2 * w_max + 1), _BIG)
+    columns = np.arange(w_max)
+    for a in range(1, n):
+        padded[:, 1:1 + w_max] = total  # padded[:, 1 + s] is row a-1 at teacher lo[a-1] + s
+        up_at = 1 + (lo_all[:, a] - lo_all[:, a - 1])[:, None] + columns
+        up = np.take_along_axis(padded, up_at, axis=1)
+        diag = np.take_along_axis(padded, up_at - 1, axis=1)
+        c = cost[:, a]
+        best_in = c + np.minimum(diag, up)
+        run = np.cumsum(c, axis=1)  # D[t] = min(best_in[t], D[t-1] + c[t]) = run[t] + min_{s<=t}(best_in[s] - run[s])
+        total = run + np.minimum.accumulate(best_in - run, axis=1)
+        moves[:, a] = np.where(total < best_in, 2, np.where(diag <= up, 0, 1))
+
+    pairs = []
+    for i, (t_str, u_str, _, _) in enumerate(items):
+        lo, grid = lo_all[i].tolist(), moves[i].tobytes()  # bytes: indexing gives Python ints, fast
+        path_a, path_b = [], []
+        a, b = len(t_str) - 1, len(u_str) - 1
+        while a or b:
+            path_a.append(a)
+            path_b.append(b)
+            move = grid[a * w_max + b - lo[a]]
+            if move == 0:
+                a, b = a - 1, b - 1
+            elif move == 1:
+                a -= 1
+            else:
+                b -= 1
+        path_a.append(0)
+        path_b.append(0)
+        pa, pb = np.array(path_a[::-1]), np.array(path_b[::-1])
+        once = (np.bincount(pa)[pa] == 1) & (np.bincount(pb)[pb] == 1)
+        pairs.append((pa[once], pb[once]))
+    return pairs
+
+
+def align_many(sequences: list[tuple[np.ndarray, np.ndarray, bool, int]], target_table: TokenTable,
+               teacher_table: TokenTable, mode: str = "mined", vocab_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """`align` for many chunks at once (faster for DTW): ``sequences`` holds
+    ``(target_ids, teacher_ids, ends_document, text_nbytes)`` per chunk."""
+    if mode not in MODES:
+        raise ValueError(f"alignment mode {mode!r} is not one of {MODES}")
+    if mode == "mined" and vocab_ids is None:
+        raise ValueError("mode='mined' needs vocab_ids, the MinED teacher -> target map")
+    results, todo = [], []
+    for target_ids, teacher_ids, ends_document, text_nbytes in sequences:
+        end = 1 if ends_document else 0
+        t_text = np.asarray(target_ids[1:len(target_ids) - end], dtype=np.int64)
+        u_text = np.asarray(teacher_ids[1:len(teacher_ids) - end], dtype=np.int64)
+        src = np.full(len(target_ids) - 1, -1, dtype=np.int32)
+        if ends_document:  # predicting EOS after the whole text: the same prefix for both
+            src[len(t_text)] = len(u_text)
+        results.append(src)
+        if len(t_text) and len(u_text):
+            todo.append((src, t_text, u_text, byte_spans(t_text, target_table, text_nbytes),
+                         byte_spans(u_text, teacher_table, text_nbytes)))
+    if mode == "offsets":
+        pairs = [_offsets_pairs(target, teacher) for _, _, _, target, teacher in todo]
+    elif todo:
+        strings = [(_spelled(t_text, target_table, target[2]), _spelled(u_text, teacher_table, teacher[2]))
+                   for _, t_text, u_text, target, teacher in todo]
+        pairs = _dtw_pairs([(*s, t[3], t[4]) for s, t in zip(strings, todo)])
+        for n, ((a, b), (t_str, u_str), (_, t_text, u_text, _, _)) in enumerate(zip(pairs, strings, todo)):
+            accept = np.array([t_str[i] == u_str[j] for i, j in zip(a.tolist(), b.tolist())], dtype=bool)
+            if mode == "mined":
+                accept |= vocab_ids[u_text[b]] == t_text[a]
+            pairs[n] = (a[accept], b[accept])
+    for (src, *_), (a, b) in zip(todo, pairs):
+        src[a] = b  # target text token a is sequence token a+1, predicted at position a; teacher likewise
+    return results
+
+
+def align(target_ids: np.ndarray, teacher_ids: np.ndarray, ends_document: bool, text_nbytes: int,
+          target_table: TokenTable, teacher_table: TokenTable, mode: str = "mined",
+          vocab_ids: np.ndarray | None = None) -> np.ndarray:
+    """``src`` (int32, ``len(target_ids) - 1``): the teacher position serving each target position, or -1.
+
+    ``target_ids`` / ``teacher_ids`` are whole sequences in the layout of the module docstring;
+    ``text_nbytes`` is the chunk text's UTF-8 length; ``vocab_ids`` (teacher id -> target id, the
+    MinED map) is needed by ``mode="mined"``.
+    """
+    return align_many([(target_ids, teacher_ids, ends_document, text_nbytes)], target_table, teacher_table,
+                      mode, vocab_ids)[0]
+
+
+def _spelled(text_ids: np.ndarray, table: TokenTable, prefix: int) -> list[str]:
+    """Token strings as they spell the text: the first loses the prepended dummy-prefix space."""
+    strings = [table.strings[i] for i in text_ids.tolist()]
+    if prefix and strings and strings[0].startswith(" "):
+        strings[0] = strings[0][1:]
+    return strings
+
+
+def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_ids: np.ndarray,
+                         target_ids: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """The teacher's next-token distribution at every target position, in target ids.
+
+    Args:
+        src: ``[T-1]`` from `align`.
+        topk_ids, topk_logprobs: the teacher's ``[U-1, k]`` top-k ids and log-probs (its positions).
+        vocab_ids: teacher id -> target id.
+        target_ids: ``[T]`` the target sequence (gold tokens for the fallback).
+        keep: optional bool per teacher id; candidates whose entry is False are dropped (``exact``
+            mode keeps only exact vocabulary matches).
+
+    Returns:
+        ``(ids [T-1, k] int64, logprobs [T-1, k] float32, fallback [T-1] bool)``. Teacher candidates
+        that map to the same target id pool their probability (on the first of them); dropped and
+        pooled entries get log-prob ``-inf``. Fallback rows are a one-hot (log-prob 0) on target
+        token ``i+1``.
+    """
+    k = topk_ids.shape[1]
+    fallback = src < 0
+    rows = src.clip(min=0)
+    teacher_ids = topk_ids[rows].astype(np.int64)
+    ids = vocab_ids[teacher_ids]
+    logprobs = topk_logprobs[rows].astype(np.float32)
+    if keep is not None:
+        logprobs = np.where(keep[teacher_ids], logprobs, -np.inf).astype(np.float32)
+    # Pool duplicates: entry j adds its probability to the first entry with the same id.
+    first = (ids[:, :, None] == ids[:, None, :]).argmax(axis=2)  # [T-1, k]: index of the first equal id
+    if (first != np.arange(k)).any():
+        probs = np.zeros_like(logprobs)
+        np.add.at(probs, (np.arange(len(ids))[:, None].repeat(k, 1), first), np.exp(logprobs))
+        with np.errstate(divide="ignore"):
+            logprobs = np.log(probs)
+    gold = np.asarray(target_ids[1:], dtype=np.int64)
+    ids[fallback] = gold[fallback, None]
+    logprobs[fallback] = -np.inf
+    logprobs[fallback, 0] = 0.0
+    return ids, logprobs, fallback

@@ -1,0 +1,242 @@
+"""Teacher representations: each teacher's top-k next-token log-probs on every chunk, via `Trainer.predict`.
+
+For every teacher of a recipe, the chunks (`fusion.data.chunks`) are tokenized with the teacher's
+tokenizer, run through the teacher in batches, and the top-k log-probs and ids of every position,
+plus the teacher's cross-entropy on its own next tokens, are written to the teacher's shard folder
+(`fusion.data.store`). It is `Trainer.predict` with a `BasePredictionWriter`, so several devices
+extract with the same code (each takes every world_size-th missing shard).
+
+Everything is resumable and incremental:
+
+- the folder of a teacher is named by a hash of what its numbers depend on (weights, tokenizer,
+  dtype, quantization, k, the chunks), so adding a teacher to a recipe computes only that teacher,
+  and any run with the same teacher and chunks reuses the shards;
+- only missing shards are computed; a shard is written atomically once all its chunks are done.
+
+Teachers that produce NaN/inf on a chunk do not stop the run: those chunks are flagged in the
+shard, counted in the manifest, reported, and excluded when training reads the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fusion.data.chunks import sequence_ids
+from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
+from fusion.data.text import load_tokenizer, tokenizer_fingerprint
+from fusion.errors import FusionError
+from fusion.recipe import TeacherConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_store_dir() -> Path:
+    return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion")) / "representations"
+
+
+def model_fingerprint(path: str) -> str:
+    """Changes when the weights do: a local folder's config and weight files (names, sizes), or a hub id."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pt"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def vocab_rows(model_path: str, trust_remote_code: bool = False) -> int:
+    """The model's embedding rows (config ``vocab_size``), which may exceed ``len(tokenizer)``."""
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise FusionError(f"cannot read the config of {model_path!r}: {str(err).splitlines()[0]}") from None
+    return int(config.get_text_config().vocab_size)
+
+
+def resolve_dtype(dtype: str, accelerator_is_gpu: bool) -> str:
+    return dtype if dtype != "auto" else ("bfloat16" if accelerator_is_gpu else "float32")
+
+
+class TeacherModule(pl.LightningModule):
+    """Runs one teacher for `Trainer.predict`: batches of chunks in, `ChunkPredictions` out.
+
+    The HF model is kept outside the module's submodules: Lightning must neither move a
+    bitsandbytes-quantized model (it is placed on its device when loaded) nor wrap it.
+    """
+
+    def __init__(self, model_path: str, dtype: str, quantization: str, top_k: int, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> None:
+        super().__init__()
+        self.model_path, self.dtype_name, self.quantization = model_path, dtype, quantization
+        self.top_k, self.trust_remote_code, self.attn_implementation = top_k, trust_remote_code, attn_implementation
+        self.teacher: list = []  # [model]; a list so that it is not registered as a submodule
+
+    def configure_model(self) -> None:
+        if self.teacher:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        extra = {}
+        if self.quantization != "none":
+            from transformers import BitsAndBytesConfig
+
+            extra["quantization_config"] = (
+                BitsAndBytesConfig(load_in_8bit=True) if self.quantization == "8bit" else
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+            extra["device_map"] = {"": str(device)}  # quantized weights are made on their device, never moved
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=_DTYPES[self.dtype_name], trust_remote_code=self.trust_remote_code,
+                attn_implementation=self.attn_implementation, **extra)
+        except (OSError, ValueError, ImportError) as err:
+            raise FusionError(f"cannot load teacher {self.model_path!r}: {str(err).splitlines()[0]}") from None
+        if self.quantization == "none":
+            model.to(device)
+        model.eval()
+        self.teacher.append(model)
+
+    @torch.inference_mode()
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[ChunkPredictions]:
+        model = self.teacher[0]
+        input_ids = batch["input_ids"].to(model.device)
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
+        out = []
+        for row, (chunk_id, length) in enumerate(zip(batch["chunk_ids"].tolist(), batch["lengths"].tolist())):
+            # One sequence at a time: a float32 copy of [L, V] logits, not [B, L, V].
+            logprobs = torch.log_softmax(logits[row, :length - 1].float(), dim=-1)
+            top = logprobs.topk(self.top_k, dim=-1)
+            nll = -logprobs.gather(-1, input_ids[row, 1:length, None]).squeeze(-1)
+            out.append(ChunkPredictions(chunk_id=chunk_id, tokens=input_ids[row, :length].cpu().numpy(),
+                                        topk_ids=top.indices.cpu().numpy(), topk_logprobs=top.values.cpu().numpy(),
+                                        token_ce=nll.cpu().numpy()))
+        return out
+
+
+class ShardWriter(BasePredictionWriter):
+    """Collects a batch's predictions per shard and writes each shard as soon as it is whole."""
+
+    def __init__(self, store: TeacherStore) -> None:
+        super().__init__(write_interval="batch")
+        self.store = store
+        self.pending: dict[int, list[ChunkPredictions]] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        for chunk in prediction:
+            shard = chunk.chunk_id // self.store.chunks_per_shard
+            self.pending.setdefault(shard, []).append(chunk)
+            if len(self.pending[shard]) == len(self.store.shard_chunks(shard)):
+                self.store.write_shard(shard, sorted(self.pending.pop(shard), key=lambda c: c.chunk_id))
+
+
+class _FixedBatches(Sampler[list[int]]):
+    """A precomputed list of batches (Lightning's predict loop wraps batch samplers and needs an object)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Collate:
+    """Chunk rows → the teacher's padded sequences (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, rows: list[dict]) -> dict:
+        seqs = sequence_ids(self.tokenizer, [r["text"] for r in rows], [r["ends_document"] for r in rows])
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "lengths": torch.tensor([len(s) for s in seqs]),
+                "chunk_ids": torch.tensor([r["id"] for r in rows])}
+
+
+def teacher_identity(teacher: TeacherConfig, model_path: str, tokenizer, top_k: int, dtype: str,
+                     chunk_info: dict, corpus_key: str, trust_remote_code: bool = False) -> dict:
+    """Everything a teacher's shards depend on: the manifest's identity, and its folder's name."""
+    rows = vocab_rows(model_path, trust_remote_code)
+    if rows < len(tokenizer):
+        raise FusionError(f"teacher {teacher.label!r}: the model has {rows} embedding rows but its tokenizer "
+                          f"{len(tokenizer)} tokens; tokenizer and model do not belong together")
+    return {
+        "format": STORE_FORMAT,
+        "teacher": {"model": model_fingerprint(model_path), "dtype": dtype, "quantization": teacher.quantization},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "vocab_rows": rows,
+        "top_k": top_k,
+        "dtypes": {"tokens": "uint16" if id_dtype(rows) == "uint16" else "uint32", "topk_ids": id_dtype(rows),
+                   "topk_logprobs": "float16", "token_ce": "float16", "chunk_ce": "float32"},
+        "chunking": {"fingerprint": chunk_info["fingerprint"], "block_size": chunk_info["block_size"],
+                     "chunks": chunk_info["chunks"]},
+        "corpus": corpus_key,
+    }
+
+
+def teacher_store(teacher: TeacherConfig, identity: dict, root: Path, n_chunks: int,
+                  chunks_per_shard: int) -> TeacherStore:
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in teacher.label)
+    return TeacherStore(root / f"{slug}-{key}", identity, n_chunks, chunks_per_shard)
+
+
+def extract(teacher: TeacherConfig, model_path: str, tokenizer_path: str, chunks, store: TeacherStore,
+            trainer: pl.Trainer, batch_size: int, num_workers: int = 0, shards: list[int] | None = None) -> dict:
+    """Compute the store's missing shards with ``trainer.predict``; returns the finalized manifest.
+
+    ``chunks`` is the chunk set (a `datasets.Dataset`); ``trainer`` has a `ShardWriter` on ``store``
+    among its callbacks (`fusion.trainer.build_predict_trainer`); ``shards`` limits the work to those
+    shards (default: all).
+    """
+    if not any(isinstance(c, ShardWriter) and c.store is store for c in trainer.callbacks):
+        raise ValueError("the trainer needs a ShardWriter(store) callback")
+    store.open()
+    missing = [s for s in store.missing_shards() if shards is None or s in set(shards)]
+    if not missing:
+        return store.finalize()
+    tokenizer = load_tokenizer(tokenizer_path, teacher.trust_remote_code)
+    mine = missing[trainer.global_rank::trainer.world_size]
+    batches = [list(shard_chunks[i:i + batch_size]) for shard in mine
+               for shard_chunks in [store.shard_chunks(shard)] for i in range(0, len(shard_chunks), batch_size)]
+    module = TeacherModule(model_path, store.identity["teacher"]["dtype"], teacher.quantization,
+                           store.identity["top_k"], teacher.trust_remote_code, teacher.attn_implementation)
+    loader = DataLoader(chunks, batch_sampler=_FixedBatches(batches), collate_fn=_Collate(tokenizer),
+                        num_workers=num_workers)
+    if trainer.is_global_zero:
+        print(f"[fusion] teacher {teacher.label}: {len(missing)} of {store.n_shards} shards to compute "
+              f"-> {store.folder}")
+    trainer.predict(module, dataloaders=loader, return_predictions=False)  # every rank, even with no batches
+    trainer.strategy.barrier("representations")
+    manifest = store.finalize() if trainer.is_global_zero else store.manifest()
+    trainer.strategy.barrier("representations-manifest")
+    if trainer.is_global_zero and manifest["bad_chunks"]:
+        print(f"[fusion] teacher {teacher.label}: {len(manifest['bad_chunks'])} chunks gave NaN/inf outputs and "
+              f"are excluded (ids {manifest['bad_chunks'][:10]}{' ...' if len(manifest['bad_chunks']) > 10 else ''})")
+    return manifest
+
+
+def shard_bytes_per_token(store: TeacherStore) -> float:
+    """Bytes on disk per teacher token: the shard files only (sidecars and manifest are tiny)."""
+    manifest = store.manifest()
+    return manifest["bytes"] / max(manifest["tokens"], 1)
+

@@ -1,0 +1,177 @@
+"""Token alignment: the i -> i+1 convention on hand-built cases, the three modes, and the zoo's real tokenizers."""
+
+import numpy as np
+import pytest
+from rapidfuzz.distance import Levenshtein
+
+from fusion.data.alignment import TokenTable, align, align_many, aligned_distribution
+from fusion.data.chunks import sequence_ids
+from fusion.data.corpus import embedded_corpus
+from fusion.data.text import load_tokenizer
+from fusion.data.vocab import build_vocab_map
+from fusion.zoo import resolve_model
+
+# Hand-built vocabularies: id 0 = start, 1 = eos, then text pieces (canonical strings: " " is a space).
+TARGET = ["<s>", "</s>", "Hello", " world", "Hel", "lo", " wor", "ld", "The", " cat", " sat", "!"]
+TEACHER = ["<|bos|>", "<|eos|>", "Hel", "lo", " world", "Hello", "The", " cat", " sa", "t", "!", " wrld"]
+
+
+def table(strings: list[str]) -> TokenTable:
+    nbytes = np.array([0, 0] + [len(s.encode()) for s in strings[2:]])
+    return TokenTable(strings=strings, nbytes=nbytes)
+
+
+def ids(vocab: list[str], *pieces: str, eos: bool = True) -> np.ndarray:
+    return np.array([0, *[vocab.index(p) for p in pieces], *([1] if eos else [])])
+
+
+def run(target: np.ndarray, teacher: np.ndarray, text: str, mode: str = "mined", vocab_ids=None, eos=True):
+    if vocab_ids is None:  # the identity on equal strings, else the target's "!" (never right by accident)
+        vocab_ids = np.array([TARGET.index(s) if s in TARGET else TARGET.index("!") for s in TEACHER])
+        vocab_ids[:2] = [0, 1]
+    return align(target, teacher, eos, len(text.encode()), table(TARGET), table(TEACHER), mode, vocab_ids)
+
+
+@pytest.mark.parametrize("mode", ["mined", "exact", "offsets"])
+def test_one_to_many_first_token_falls_back_and_eos_aligns(mode):
+    # target: <s> Hello _world </s>     teacher: <bos> Hel lo _world <eos>
+    src = run(ids(TARGET, "Hello", " world"), ids(TEACHER, "Hel", "lo", " world"), "Hello world", mode)
+    # position 0 predicts "Hello": the teacher spells it with two tokens -> no single prediction, fallback.
+    # position 1 predicts " world": teacher token 3 is " world", predicted at teacher position 2.
+    # position 2 predicts </s>: the teacher's EOS (token 4) is predicted at teacher position 3.
+    assert src.tolist() == [-1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["mined", "exact", "offsets"])
+def test_many_to_one(mode):
+    # target: <s> Hel lo _world (no eos)     teacher: <bos> Hello _world
+    src = run(ids(TARGET, "Hel", "lo", " world", eos=False), ids(TEACHER, "Hello", " world", eos=False),
+              "Hello world", mode, eos=False)
+    # "Hel" and "lo" share one teacher token: no teacher prediction is for either alone.
+    assert src.tolist() == [-1, -1, 1]
+
+
+@pytest.mark.parametrize("mode", ["mined", "exact", "offsets"])
+def test_first_token_aligned_from_the_start_tokens(mode):
+    src = run(ids(TARGET, "The", " cat", "!"), ids(TEACHER, "The", " cat", "!"), "The cat!", mode)
+    assert src.tolist() == [0, 1, 2, 3]  # position 0 (start) predicts "The": the teacher's start does too
+
+
+def test_mined_accepts_a_mapped_token_exact_does_not():
+    # " sat" (target) vs " sa" + "t" (teacher) is one-to-many: fallback in every mode. " wrld" (a teacher
+    # typo token) is one-to-one with " world"; MinED maps " wrld" -> " world", so mined accepts it.
+    vocab_ids = np.array([0, 1, 4, 5, 3, 2, 8, 9, 10, 11, 11, 3])  # TEACHER -> TARGET, " wrld" -> " world"
+    target, teacher = ids(TARGET, "Hello", " world"), ids(TEACHER, "Hello", " wrld")
+    assert run(target, teacher, "Hello world", "mined", vocab_ids).tolist() == [0, 1, 2]
+    assert run(target, teacher, "Hello world", "exact", vocab_ids).tolist() == [0, -1, 2]
+    cat = run(ids(TARGET, "The", " cat", " sat"), ids(TEACHER, "The", " cat", " sa", "t"), "The cat sat", "mined")
+    assert cat.tolist() == [0, 1, -1, 4]
+
+
+def test_fallback_is_a_one_hot_on_the_next_target_token():
+    target = ids(TARGET, "Hello", " world")
+    src = np.array([-1, 2, 3], dtype=np.int32)
+    k = 3
+    topk_ids = np.array([[2, 5, 4], [5, 2, 4], [4, 1, 3], [1, 4, 2]])  # teacher rows for positions 0..3
+    topk_lp = np.log(np.array([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1], [0.9, 0.05, 0.05]]))
+    vocab_ids = np.array([0, 1, 4, 5, 3, 2, 8, 9, 10, 11, 11, 3])
+    out_ids, out_lp, fallback = aligned_distribution(src, topk_ids, topk_lp, vocab_ids, target)
+    assert fallback.tolist() == [True, False, False]
+    # position 0 predicts target token 1 ("Hello", id 2) -- not target token 0 (<s>), FuseLLM's off-by-one
+    assert out_ids[0, 0] == 2 and out_lp[0, 0] == 0 and np.isneginf(out_lp[0, 1:]).all()
+    assert out_ids[1].tolist() == vocab_ids[topk_ids[2]].tolist()
+    np.testing.assert_allclose(np.exp(out_lp[2]), [0.9, 0.05, 0.05], rtol=1e-6)
+    assert out_ids.shape == out_lp.shape == (3, k)
+
+
+def test_duplicate_mapped_candidates_pool_their_probability_and_exact_mode_drops_mined_ones():
+    src = np.array([0], dtype=np.int32)
+    topk_ids = np.array([[4, 11, 5]])  # " world", " wrld" (-> " world" by MinED), "Hello"
+    topk_lp = np.log(np.array([[0.5, 0.3, 0.2]]))
+    vocab_ids = np.array([0, 1, 4, 5, 3, 2, 8, 9, 10, 11, 11, 3])
+    target = ids(TARGET, " world", eos=False)
+    out_ids, out_lp, _ = aligned_distribution(src, topk_ids, topk_lp, vocab_ids, target)
+    assert out_ids[0].tolist() == [3, 3, 2]
+    np.testing.assert_allclose(np.exp(out_lp[0]), [0.8, 0.0, 0.2], atol=1e-6)
+    exact = np.array([s in TARGET for s in TEACHER])
+    _, out_lp, _ = aligned_distribution(src, topk_ids, topk_lp, vocab_ids, target, keep=exact)
+    np.testing.assert_allclose(np.exp(out_lp[0]), [0.5, 0.0, 0.2], atol=1e-6)
+
+
+def _full_dtw_pairs(a_strings: list[str], b_strings: list[str]) -> set[tuple[int, int]]:
+    """Straightforward O(n*m) DTW with Levenshtein cost, backtrack preferring diagonal, up, left."""
+    n, m = len(a_strings), len(b_strings)
+    inf = float("inf")
+    d = [[inf] * m for _ in range(n)]
+    for i in range(n):
+        for j in range(m):
+            c = Levenshtein.distance(a_strings[i], b_strings[j])
+            if i == 0 and j == 0:
+                d[i][j] = c
+            else:
+                d[i][j] = c + min(d[i - 1][j - 1] if i and j else inf, d[i - 1][j] if i else inf,
+                                  d[i][j - 1] if j else inf)
+    path, i, j = [(n - 1, m - 1)], n - 1, m - 1
+    while i or j:
+        options = [(d[i - 1][j - 1] if i and j else inf, i - 1, j - 1), (d[i - 1][j] if i else inf, i - 1, j),
+                   (d[i][j - 1] if j else inf, i, j - 1)]
+        _, i, j = min(options, key=lambda o: o[0])
+        path.append((i, j))
+    rows = [p[0] for p in path]
+    cols = [p[1] for p in path]
+    return {(i, j) for i, j in path if rows.count(i) == 1 and cols.count(j) == 1}
+
+
+@pytest.fixture(scope="module")
+def zoo_tokenizers(zoo_dir):
+    return {name: load_tokenizer(resolve_model(f"zoo:{name}", "small", zoo_dir))
+            for name in ("target", "gpt2-code", "neox-prose")}
+
+
+@pytest.fixture(scope="module")
+def texts():
+    docs = embedded_corpus("validation", ("code", "prose"))
+    return [d["text"][:600] for d in docs[:24]]
+
+
+def test_identical_tokenizers_give_the_identity(zoo_tokenizers, texts):
+    tok = zoo_tokenizers["target"]
+    t = TokenTable.of(tok)
+    seqs = sequence_ids(tok, texts, [True] * len(texts))
+    vmap = build_vocab_map(tok, tok)
+    for mode in ("mined", "exact", "offsets"):
+        srcs = align_many([(np.array(s), np.array(s), True, len(x.encode())) for s, x in zip(seqs, texts)],
+                          t, t, mode, vmap.ids)
+        for s, src in zip(seqs, srcs):
+            assert src.tolist() == list(range(len(s) - 1)), mode
+
+
+@pytest.mark.parametrize("teacher", ["gpt2-code", "neox-prose"])
+def test_zoo_teachers_report_a_fallback_rate_and_banded_dtw_matches_full_dtw(zoo_tokenizers, texts, teacher):
+    target_tok, teacher_tok = zoo_tokenizers["target"], zoo_tokenizers[teacher]
+    tt, ut = TokenTable.of(target_tok), TokenTable.of(teacher_tok)
+    vmap = build_vocab_map(teacher_tok, target_tok)
+    ends = [True] * len(texts)
+    sequences = list(zip(map(np.array, sequence_ids(target_tok, texts, ends)),
+                         map(np.array, sequence_ids(teacher_tok, texts, ends)), ends, [len(x.encode()) for x in texts]))
+    rates = {}
+    for mode in ("mined", "exact", "offsets"):
+        srcs = align_many(sequences, tt, ut, mode, vmap.ids)
+        for (target, teacher_ids, _, _), src in zip(sequences, srcs):
+            assert len(src) == len(target) - 1
+            assert src.max() < len(teacher_ids) - 1  # a real teacher prediction row
+            assert (np.diff(src[src >= 0]) > 0).all()  # monotone: alignment never goes back in the text
+        rates[mode] = float(np.mean(np.concatenate(srcs) < 0))
+        assert 0 < rates[mode] < 1, rates
+    print(f"\nfallback rates {teacher} -> target (small zoo): {rates}")
+    assert rates["exact"] >= rates["mined"]  # exact accepts a subset of what MinED accepts
+
+    # The banded DTW finds the full DTW's one-to-one pairs (text tokens, exact-string acceptance).
+    from fusion.data.alignment import _dtw_pairs, _spelled, byte_spans
+
+    for target, teacher_ids, _, nbytes in sequences[:6]:
+        t_text, u_text = target[1:-1], teacher_ids[1:-1]
+        ts, us = byte_spans(t_text, tt, nbytes), byte_spans(u_text, ut, nbytes)
+        a_str, b_str = _spelled(t_text, tt, ts[2]), _spelled(u_text, ut, us[2])
+        ((a, b),) = _dtw_pairs([(a_str, b_str, ts, us)])
+        assert set(zip(a.tolist(), b.tolist())) == _full_dtw_pairs(a_str, b_str)

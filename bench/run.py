@@ -16,7 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/run.py` from anywhere: import fusion and bench.*
 
-BENCHMARKS = {"vocab_map": "bench.vocab_map"}  # name -> module with run() -> list[dict]
+BENCHMARKS = {  # name -> module with run() -> list[dict]
+    "vocab_map": "bench.vocab_map",
+    "alignment": "bench.alignment",
+    "storage": "bench.storage",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

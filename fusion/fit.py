@@ -36,7 +36,7 @@ def plan(recipe: Recipe) -> str:
     source = f"{d.source}" + (f" [{', '.join(d.domains)}]" if d.source == "embedded" else "")
     lines = [
         f"recipe    {recipe.name} ({recipe.source_file})",
-        f"method    {recipe.method}: stages {' -> '.join(STAGES)}",
+        f"method    {recipe.method}: stages {' -> '.join(STAGES[recipe.method])}",
         f"output    {recipe.run_dir}/ (recipe.yaml, metrics.jsonl, checkpoints/, model/, results.md)",
         f"model     {recipe.model.path} (dtype {model_dtype(recipe)}, gradient checkpointing "
         f"{recipe.model.gradient_checkpointing}, module {module_class(recipe).__name__})",
@@ -49,6 +49,17 @@ def plan(recipe: Recipe) -> str:
         f"clip {t.gradient_clip_val}, checkpoint every {t.checkpoint_every_n_steps} steps",
         f"logging   W&B {wandb_mode(recipe.wandb)} (project {recipe.wandb.project}), metrics.jsonl",
     ]
+    if recipe.method == "fusellm":
+        f, rep = recipe.fusion, recipe.representations
+        teachers = ", ".join(f"{t.label} ({t.path}" + (f", {t.quantization}" if t.quantization != "none" else "") + ")"
+                             for t in recipe.teachers)
+        lines += [
+            f"teachers  {teachers}",
+            f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, "
+            f"{'all chunks' if rep.max_chunks is None else f'first {rep.max_chunks} chunks'}, batch {rep.batch_size}",
+            f"fusion    {f.function} at {f.level} level, {f.alignment} alignment, loss {f.clm_weight:g} x CLM + "
+            f"{1 - f.clm_weight:g} x {f.loss.upper()} ({f.clm_weight_schedule}), temperature {f.temperature:g}",
+        ]
     return "\n".join(lines)
 
 

@@ -8,6 +8,11 @@ The CLM method runs four stages, each recorded in `stages/NAME.json` when it fin
     evaluate   reload model/ with from_pretrained, validation perplexity, a generated sample,
                results.json / results.md / curves.png
 
+FuseLLM runs two more first (`fusion.data.prepare`):
+
+    representations  chunk the corpus, run every teacher (Trainer.predict), write its shards
+    alignment        vocabulary maps and token alignments of each teacher to the target
+
 A re-run skips finished stages. Under several processes every rank runs this file; files are
 written by global rank 0 only.
 """
@@ -25,16 +30,21 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 from transformers import AutoModelForCausalLM
 
+from fusion.data.fused import FusionDataModule
+from fusion.data.prepare import align_teachers, extract_teachers, prepare_chunks, used_chunks
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.errors import FusionError
 from fusion.export import export_checkpoint
 from fusion.loggers import JsonlLogger, build_wandb_logger
 from fusion.recipe import Recipe, module_class, to_dict
 from fusion.report import plot_curves, write_results
-from fusion.trainer import build_trainer
+from fusion.trainer import build_predict_trainer, build_trainer
 from fusion.zoo import resolve_model
 
-STAGES = ("baseline", "train", "export", "evaluate")
+STAGES = {
+    "clm": ("baseline", "train", "export", "evaluate"),
+    "fusellm": ("representations", "alignment", "baseline", "train", "export", "evaluate"),
+}
 # Keys that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = ("wandb.", "source_file", "data.num_workers", "data.preprocessing_workers")
 
@@ -111,21 +121,34 @@ class Run:
         return self.loggers
 
     @property
-    def datamodule(self) -> TextDataModule:
+    def datamodule(self) -> TextDataModule | FusionDataModule:
         if self._datamodule is None:
             r = self.recipe
-            self._datamodule = TextDataModule(r.data, self.tokenizer_path, r.trainer.batch_size, seed=r.seed,
-                                              trust_remote_code=r.model.trust_remote_code)
+            text = TextDataModule(r.data, self.tokenizer_path, r.trainer.batch_size, seed=r.seed,
+                                  trust_remote_code=r.model.trust_remote_code)
+            self._datamodule = text if r.method == "clm" else self._fusion_datamodule(text)
         return self._datamodule
+
+    def _fusion_datamodule(self, validation: TextDataModule) -> FusionDataModule:
+        r = self.recipe
+        reps = self.done["representations"]
+        teachers, rates = align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        bad = {c for rate in rates.values() for c in rate["bad_chunks"]}
+        tokenizer = load_tokenizer(self.tokenizer_path, r.model.trust_remote_code)
+        return FusionDataModule(Path(reps["chunks"]), teachers, reps["used_chunks"], bad, validation,
+                                r.trainer.batch_size, r.seed, keep_exact_only=r.fusion.alignment == "exact",
+                                pad_id=tokenizer.pad_token_id, num_workers=r.data.num_workers)
 
     def new_module(self, model_path: str, cls: type | None = None):
         r, dm = self.recipe, self.datamodule
         dm.prepare_data()
         dm.setup("fit")
+        extra = {"fusion": r.fusion, "teacher_labels": tuple(t.label for t in r.teachers)} \
+            if r.method == "fusellm" else {}
         return (cls or module_class(r))(
             model_path=model_path, optim=r.optim, dtype=model_dtype(r),
             gradient_checkpointing=r.model.gradient_checkpointing, attn_implementation=r.model.attn_implementation,
-            trust_remote_code=r.model.trust_remote_code, validation_names=tuple(dm.validation_names))
+            trust_remote_code=r.model.trust_remote_code, validation_names=tuple(dm.validation_names), **extra)
 
     # -- stages ------------------------------------------------------------------------------------
     def evaluate(self, model_path: str, stage: str, step: int) -> dict:
@@ -138,6 +161,27 @@ class Run:
         for logger in self.get_loggers():
             logger.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()}, step=step)
         return metrics
+
+    def representations(self) -> dict:
+        r = self.recipe
+        folder, chunks, info = prepare_chunks(r, load_tokenizer(self.tokenizer_path, r.model.trust_remote_code))
+        teachers = extract_teachers(r, chunks, info, lambda callbacks: build_predict_trainer(r, callbacks))
+        return {"chunks": str(folder), "chunk_info": info, "used_chunks": used_chunks(r, info), "teachers": teachers}
+
+    def alignment(self) -> dict:
+        r, reps = self.recipe, self.done["representations"]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # the ranks share the missing shards, then everyone sees all of them
+            align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"],
+                           torch.distributed.get_rank(), torch.distributed.get_world_size())
+            torch.distributed.barrier()
+        _, rates = align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        if self.is_global_zero:
+            for label, rate in rates.items():
+                print(f"[fusion] teacher {label}: {r.fusion.alignment} alignment falls back to the gold token at "
+                      f"{rate['fallback_rate']:.1%} of {rate['positions']:,} positions; "
+                      f"{len(rate['bad_chunks'])} chunks excluded (NaN/inf)")
+        return {"mode": r.fusion.alignment, "teachers": rates}
 
     def baseline(self) -> dict:
         return self.evaluate(self.model_path, "baseline", step=0)
@@ -204,10 +248,11 @@ def run(recipe: Recipe, extra_callbacks: list[pl.Callback] = ()) -> Run:
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     state = Run(recipe, list(extra_callbacks))
     state.claim_folder()
-    steps = {"baseline": state.baseline, "train": state.train, "export": state.export,
-             "evaluate": state.final_evaluation}
-    todo = [name for name in STAGES if name not in state.done]
-    for name in STAGES:
+    steps = {"representations": state.representations, "alignment": state.alignment, "baseline": state.baseline,
+             "train": state.train, "export": state.export, "evaluate": state.final_evaluation}
+    stages = STAGES[recipe.method]
+    todo = [name for name in stages if name not in state.done]
+    for name in stages:
         if name not in todo:
             print(f"[fusion] stage {name}: already done, skipped")
             continue

@@ -123,6 +123,30 @@ class RepresentationsConfig:
 
 
 @dataclass
+class FusionConfig:
+    """FuseLLM's objective: loss = clm_weight * CLM + (1 - clm_weight) * distillation on the fused teachers."""
+
+    alignment: Literal["mined", "exact", "offsets"] = "mined"
+    """Token alignment (`fusion.data.alignment`): the paper's MinED DTW, exact-match DTW (the paper's EM
+    ablation), or byte offsets."""
+    function: Literal["mince", "avgce"] = "mince"
+    """MinCE: the distribution of the teacher with the lowest cross-entropy; AvgCE: teachers weighted by
+    softmax(-CE)."""
+    level: Literal["sequence", "token"] = "sequence"
+    """Where the CE that picks or weighs teachers is measured: per chunk (the paper) or per token."""
+    clm_weight: float = 0.9
+    """The paper's lambda."""
+    clm_weight_schedule: Literal["constant", "linear"] = "constant"
+    """`linear`: lambda grows from `clm_weight` to 1 over training (the distillation weight decays to 0)."""
+    loss: Literal["ce", "kl"] = "ce"
+    """Distillation loss against the fused distribution: cross-entropy (the paper) or KL divergence."""
+    temperature: float = 1.0
+    """Teacher temperature: the stored top-k log-probs are divided by it and renormalised over the k."""
+    chunk_size: int = 1024
+    """Sequence positions per chunk of the sparse loss (bounds its float32 memory)."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -206,8 +230,9 @@ class Recipe:
     """A whole run: what to train, on what, how, and where the results go."""
 
     name: str
-    method: Literal["clm"] = "clm"
-    """`clm`: continual causal-LM training of the target (the baseline every fusion run is compared with)."""
+    method: Literal["clm", "fusellm"] = "clm"
+    """`clm`: continual causal-LM training of the target (the baseline every fusion run is compared with);
+    `fusellm`: FuseLLM, training on the fused distributions of `teachers` (chunks -> representations -> alignment)."""
     output_dir: str | None = None
     """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
     seed: int = 42
@@ -218,6 +243,7 @@ class Recipe:
     teachers: list[TeacherConfig] = field(default_factory=list)
     """Source models for fusion methods, any number, any tokenizers."""
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -433,6 +459,15 @@ def _check_teachers(recipe: Recipe) -> None:
                           + ", ".join("zoo:" + m for m in ZOO_MODELS))
         if labels.count(teacher.label) > 1:
             _fail(f"teachers[{i}].name", f"two teachers are called {teacher.label!r}; give them distinct names")
+    if recipe.method == "fusellm" and not recipe.teachers:
+        _fail("teachers", "method 'fusellm' needs at least one teacher, e.g. teachers: [{path: zoo:gpt2-code}]")
+    f = recipe.fusion
+    if not 0 <= f.clm_weight <= 1:
+        _fail("fusion.clm_weight", f"must be in [0, 1], got {f.clm_weight}")
+    if f.temperature <= 0:
+        _fail("fusion.temperature", f"must be positive, got {f.temperature}")
+    if f.chunk_size < 1:
+        _fail("fusion.chunk_size", f"must be at least 1, got {f.chunk_size}")
     rep = recipe.representations
     for key, value in (("top_k", rep.top_k), ("batch_size", rep.batch_size),
                        ("chunks_per_shard", rep.chunks_per_shard), ("max_chunks", rep.max_chunks or 1)):
@@ -444,6 +479,8 @@ def module_class(recipe: Recipe) -> type:
     """The LightningModule class that trains this recipe (a subclass of the method's module)."""
     from fusion.modules.base import CausalLMModule
 
+    if recipe.method == "fusellm":
+        from fusion.modules.fusellm import FuseLLMModule as CausalLMModule  # subclasses must extend this one
     if not recipe.module_class:
         return CausalLMModule
     module_name, _, class_name = recipe.module_class.rpartition(".")

@@ -40,8 +40,8 @@ def _init(store: TeacherStore, target_table: TokenTable, teacher_table: TokenTab
                    vocab_ids=vocab_ids, chunks=load_chunk_set(chunk_folder)[0], folder=folder)
 
 
-def _align_shard(shard: int) -> tuple[int, int]:
-    """Align one shard (in a worker); returns (positions, fallbacks)."""
+def _align_shard(shard: int) -> None:
+    """Align one shard (in a worker process, or in this one)."""
     w = _worker
     data = w["store"].read_shard(shard)
     first = int(data.chunk_ids[0])  # chunk ids are row numbers of the chunk set
@@ -55,40 +55,38 @@ def _align_shard(shard: int) -> tuple[int, int]:
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in srcs])]).astype(np.int64)
     path = w["folder"] / f"shard-{shard:05d}.npz"
     atomic_write(path, lambda f: np.savez(f, src=src, offsets=offsets))
-    return len(src), int((src < 0).sum())
 
 
 def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, target_table: TokenTable,
                   teacher_table: TokenTable, mode: str, vocab_ids: np.ndarray, target_fingerprint: str,
-                  workers: int = 1, label: str = "") -> dict:
-    """Compute the missing alignment files of ``shards``; returns ``{"positions", "fallback", "rate"}``
-    over all of them (finished earlier or now; the counts are kept in ``stats.json``).
+                  workers: int = 1, label: str = "", rank: int = 0, world_size: int = 1) -> dict:
+    """Compute the missing alignment files among ``shards`` (this rank's share of them), and return
+    ``{"positions", "fallback", "rate", "folder"}`` over the files of ``shards`` that exist.
 
-    ``chunk_folder`` is the chunk set the store was computed on (`fusion.data.chunks`).
+    ``chunk_folder`` is the chunk set the store was computed on (`fusion.data.chunks`). Under several
+    processes, call it on every rank, then once more after a barrier for the totals.
     """
     folder = alignment_folder(store, mode, target_fingerprint, vocab_ids)
     folder.mkdir(parents=True, exist_ok=True)
-    stats_file = folder / "stats.json"
-    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    todo = [s for s in shards if not (folder / f"shard-{s:05d}.npz").exists() or str(s) not in stats]
+    todo = [s for s in shards[rank::world_size] if not (folder / f"shard-{s:05d}.npz").exists()]
     if todo:
         args = (store, target_table, teacher_table, mode, vocab_ids, chunk_folder, folder)
         progress = tqdm(total=len(todo), desc=f"aligning {label} ({mode})", unit="shard")
         if workers > 1:
             with ProcessPoolExecutor(workers, initializer=_init, initargs=args) as pool:
-                for shard, counts in zip(todo, pool.map(_align_shard, todo)):
-                    stats[str(shard)] = counts
-                    atomic_write(stats_file, lambda f: f.write(json.dumps(stats).encode()))
+                for _ in pool.map(_align_shard, todo):
                     progress.update()
         else:
             _init(*args)
             for shard in todo:
-                stats[str(shard)] = _align_shard(shard)
-                atomic_write(stats_file, lambda f: f.write(json.dumps(stats).encode()))
+                _align_shard(shard)
                 progress.update()
         progress.close()
-    positions = sum(stats[str(s)][0] for s in shards)
-    fallback = sum(stats[str(s)][1] for s in shards)
+    positions = fallback = 0
+    for shard in shards:
+        if (folder / f"shard-{shard:05d}.npz").exists():
+            src, _ = read_alignment(folder, shard)
+            positions, fallback = positions + len(src), fallback + int((src < 0).sum())
     return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1), "folder": str(folder)}
 
 

@@ -129,8 +129,10 @@ def extract_teachers(recipe: Recipe, chunks, info: dict, build_trainer) -> dict:
     return result
 
 
-def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict) -> tuple[list[PreparedTeacher], dict]:
-    """Align every teacher's used shards to the target; returns the teachers and their fallback rates."""
+def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict, rank: int = 0,
+                   world_size: int = 1) -> tuple[list[PreparedTeacher], dict]:
+    """Align every teacher's used shards to the target (this rank's share of the missing ones, when
+    ``world_size > 1``); returns the teachers and their fallback rates over the aligned shards."""
     z = recipe.zoo
     target_tokenizer = load_tokenizer(resolve_model(recipe.model.tokenizer or recipe.model.path, z.size, z.dir),
                                       recipe.model.trust_remote_code)
@@ -146,9 +148,11 @@ def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict) -> tu
                                cache_dir=store_root(recipe) / "vocab-maps")
         stats = align_teacher(store, shards, chunk_dir, target_table, TokenTable.of(teacher_tokenizer), mode,
                               vmap.ids, tokenizer_fingerprint(target_tokenizer),
-                              workers=recipe.data.preprocessing_workers, label=teacher.label)
+                              workers=recipe.data.preprocessing_workers, label=teacher.label, rank=rank,
+                              world_size=world_size)
         rates[teacher.label] = {"fallback_rate": stats["rate"], "positions": stats["positions"],
-                                "vocab_map": vmap.stats}
+                                "vocab_map": vmap.stats, "bad_chunks": [c for c in store.manifest()["bad_chunks"]
+                                                                        if c < limit]}
         prepared.append(PreparedTeacher(label=teacher.label, store=store,
                                         alignment=alignment_folder(store, mode, tokenizer_fingerprint(target_tokenizer),
                                                                    vmap.ids),

@@ -83,6 +83,9 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self.batch_sampler.load_state_dict(state)
 
+    def batch_consumed(self) -> None:
+        self.batch_sampler.consumed += 1
+
 
 class ConsumedBatches(pl.Callback):
     """Counts each training batch once the model has used it, for `ResumableLoader` state.
@@ -94,5 +97,5 @@ class ConsumedBatches(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         loaders = trainer.train_dataloader
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            if isinstance(loader, ResumableLoader):
-                loader.batch_sampler.consumed += 1
+            if hasattr(loader, "batch_consumed"):  # ResumableLoader, fusion.data.fused.FusedLoader
+                loader.batch_consumed()

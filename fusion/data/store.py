@@ -20,7 +20,8 @@ A shard is an uncompressed ``.npz`` of flat arrays over its chunks, in the teach
 
 Chunk i has ``len - 1`` prediction rows (position t predicts token t+1), at rows
 ``token_offsets[i] - i`` onwards. At k = 10 and a vocabulary up to 65,536 that is 2 + 20 + 20 + 2 = 44
-bytes per token (55 above 65,536), against ~110 for FuseLLM's int64 ids and Python-list Arrow rows.
+bytes per token (56 above 65,536, tokens then taking 4 bytes), against ~110 for FuseLLM's int64 ids
+and Python-list Arrow rows.
 
 Writes are atomic (written aside, then renamed), so a shard file is either complete or absent;
 its ``.json`` sidecar is written after it, so a shard counts as done only when both exist and the

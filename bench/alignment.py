@@ -1,0 +1,205 @@
+"""Benchmark: token alignment (`fusion.data.alignment.align_many`) on 2,048-token chunks, one core.
+
+Tokenizers are the full tiny zoo's (`fusion.zoo`, built or reused in ``~/.cache/fusion/zoo``): the
+target (SentencePiece-style BPE, 1,024 tokens) against both teachers, ``gpt2-code`` (byte-level BPE,
+2,048) and ``neox-prose`` (SentencePiece-style Unigram, 1,500). The chunks are `make_chunks` of a fixed
+shuffle of the embedded corpus's train documents (code and prose) at ``block_size=2048``; ``CHUNKS``
+nearly full ones (at least ``FULL`` target tokens), spread over the documents, are aligned with each
+teacher in one ``align_many`` call, as `fusion.data.align_shards` does (64 chunks per call).
+Everything runs on one core: the DTW's Levenshtein distances use rapidfuzz with ``workers=1``, and the
+rest is single-threaded numpy.
+
+Figures (throughputs in target tokens per second, counted as the target sequences' lengths):
+
+- ``align_mined_tokens_per_s`` / ``align_offsets_tokens_per_s``: both teachers together (total target
+  tokens aligned / total time), best of ``REPEATS`` timings per teacher; also one figure per teacher;
+- ``align_fallback_rate_<mode>_<teacher>``: the fraction of target positions with no aligned teacher
+  prediction (they fall back to a one-hot on the gold token);
+- ``align_mined_pairs_agreement``: on the baseline's chunks, the one-to-one DTW pairs of our banded DTW
+  against the reference's full DTW, as |ours ∩ reference| / |ours ∪ reference| (1.0 = the same pairs).
+
+Baseline, measured in the same run: a straightforward DTW like FuseLLM's, a full O(n·m) matrix with
+the Levenshtein distance of every (target token, teacher token) string pair as the cell cost
+(``rapidfuzz.distance.Levenshtein.distance``, one call per cell, where FuseLLM called the C
+``editdistance`` package), Python loops for the DP and for the backtrack (ties prefer diagonal, then
+up, then left), then the same one-to-one filter and MinED acceptance. It takes seconds per chunk, so it
+is timed on ``BASELINE_CHUNKS`` of the same chunks with the ``gpt2-code`` teacher. It keeps the matrix
+in Python lists, a little faster than FuseLLM's per-cell indexing of a numpy matrix: the baseline is,
+if anything, flattered.
+
+Ratios: for throughputs ``ratio = value / baseline`` (so ratio > 1 means we are faster); ``baseline``
+is the reference's target tokens/s.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, byte_spans
+from fusion.data.chunks import make_chunks, sequence_ids
+from fusion.data.corpus import embedded_corpus
+from fusion.data.text import load_tokenizer
+from fusion.data.vocab import build_vocab_map
+from fusion.zoo import resolve_model
+
+BLOCK = 2048
+CHUNKS = 64  # one align_many call, as align_shards batches them
+FULL = 1900  # target tokens a chunk needs to count as full-ish
+DOCUMENTS = 160  # shuffled train documents chunked (~1.5 MB of text: a few hundred full chunks)
+TEACHERS = ("gpt2-code", "neox-prose")
+MODES = ("mined", "offsets")
+REPEATS = 3
+BASELINE_TEACHER = "gpt2-code"
+BASELINE_CHUNKS = 2
+
+
+def _chunks(target_tok) -> list[tuple[str, bool]]:
+    """``CHUNKS`` full-ish chunks, evenly spread over those of ``DOCUMENTS`` shuffled documents."""
+    docs = embedded_corpus("train", ("code", "prose"))
+    order = list(range(len(docs)))
+    random.Random(0).shuffle(order)
+    chunks = make_chunks([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=BLOCK)
+    lengths = [len(s) for s in sequence_ids(target_tok, [c[0] for c in chunks], [c[1] for c in chunks])]
+    full = [c for c, n in zip(chunks, lengths) if n >= FULL]
+    if len(full) < CHUNKS:
+        raise RuntimeError(f"only {len(full)} chunks of >= {FULL} target tokens; raise DOCUMENTS")
+    step = len(full) / CHUNKS
+    return [full[int(i * step)] for i in range(CHUNKS)]
+
+
+def _reference_dtw(a: list[str], b: list[str]) -> list[tuple[int, int]]:
+    """FuseLLM-style DTW: full matrix, one Levenshtein call per cell, Python loops; the path, in order."""
+    n, m = len(a), len(b)
+    inf = float("inf")
+    d = []
+    prev = None
+    for i in range(n):
+        row = [0] * m
+        ai = a[i]
+        for j in range(m):
+            cost = Levenshtein.distance(ai, b[j])
+            if i == 0:
+                row[j] = cost if j == 0 else cost + row[j - 1]
+            elif j == 0:
+                row[j] = cost + prev[j]
+            else:
+                row[j] = cost + min(prev[j - 1], prev[j], row[j - 1])
+        d.append(row)
+        prev = row
+    i, j = n - 1, m - 1
+    path = [(i, j)]
+    while i > 0 or j > 0:
+        diag = d[i - 1][j - 1] if i > 0 and j > 0 else inf
+        up = d[i - 1][j] if i > 0 else inf
+        left = d[i][j - 1] if j > 0 else inf
+        move = min(range(3), key=[diag, up, left].__getitem__)  # first minimum: diagonal, up, left
+        if move == 0:
+            i, j = i - 1, j - 1
+        elif move == 1:
+            i -= 1
+        else:
+            j -= 1
+        path.append((i, j))
+    return path[::-1]
+
+
+def _one_to_one(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    rows: dict[int, int] = {}
+    cols: dict[int, int] = {}
+    for i, j in path:
+        rows[i] = rows.get(i, 0) + 1
+        cols[j] = cols.get(j, 0) + 1
+    return [(i, j) for i, j in path if rows[i] == 1 and cols[j] == 1]
+
+
+def _reference_align(target_ids, teacher_ids, ends_document, nbytes, tt: TokenTable, ut: TokenTable,
+                     vocab_ids: np.ndarray) -> tuple[np.ndarray, set]:
+    """``(src, one-to-one pairs)`` with the reference DTW, in `align`'s layout and MinED acceptance."""
+    end = 1 if ends_document else 0
+    t_text, u_text = target_ids[1:len(target_ids) - end], teacher_ids[1:len(teacher_ids) - end]
+    a_str = _spelled(t_text, tt, byte_spans(t_text, tt, nbytes)[2])
+    b_str = _spelled(u_text, ut, byte_spans(u_text, ut, nbytes)[2])
+    pairs = _one_to_one(_reference_dtw(a_str, b_str))
+    src = np.full(len(target_ids) - 1, -1, dtype=np.int32)
+    if ends_document:
+        src[len(t_text)] = len(u_text)
+    for i, j in pairs:
+        if a_str[i] == b_str[j] or vocab_ids[u_text[j]] == t_text[i]:
+            src[i] = j
+    return src, set(pairs)
+
+
+def _banded_pairs(target_ids, teacher_ids, ends_document, nbytes, tt: TokenTable, ut: TokenTable) -> set:
+    end = 1 if ends_document else 0
+    t_text, u_text = target_ids[1:len(target_ids) - end], teacher_ids[1:len(teacher_ids) - end]
+    ts, us = byte_spans(t_text, tt, nbytes), byte_spans(u_text, ut, nbytes)
+    ((a, b),) = _dtw_pairs([(_spelled(t_text, tt, ts[2]), _spelled(u_text, ut, us[2]), ts, us)])
+    return set(zip(a.tolist(), b.tolist()))
+
+
+def _figure(metric: str, value: float, unit: str, **extra) -> dict:
+    return {"bench": "alignment", "metric": metric, "value": value, "unit": unit, **extra}
+
+
+def run() -> list[dict]:
+    target_tok = load_tokenizer(resolve_model("zoo:target", "full", None))
+    tt = TokenTable.of(target_tok)
+    chunks = _chunks(target_tok)
+    texts, ends = [c[0] for c in chunks], [c[1] for c in chunks]
+    nbytes = [len(t.encode()) for t in texts]
+    target_seqs = [np.array(s) for s in sequence_ids(target_tok, texts, ends)]
+    target_tokens = sum(len(s) for s in target_seqs)
+
+    figures, seconds, rates, setups = [], {m: {} for m in MODES}, {}, {}
+    for name in TEACHERS:
+        teacher_tok = load_tokenizer(resolve_model(f"zoo:{name}", "full", None))
+        ut = TokenTable.of(teacher_tok)
+        vocab_ids = build_vocab_map(teacher_tok, target_tok).ids
+        teacher_seqs = [np.array(s) for s in sequence_ids(teacher_tok, texts, ends)]
+        sequences = list(zip(target_seqs, teacher_seqs, ends, nbytes))
+        setups[name] = (ut, vocab_ids, sequences)
+        for mode in MODES:
+            align_many(sequences[:2], tt, ut, mode, vocab_ids)  # warm-up
+            best = float("inf")
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                srcs = align_many(sequences, tt, ut, mode, vocab_ids)
+                best = min(best, time.perf_counter() - t0)
+            seconds[mode][name] = best
+            rates[(mode, name)] = float(np.mean(np.concatenate(srcs) < 0))
+
+    # Baseline: the FuseLLM-style full DTW on the first chunks with one teacher.
+    ut, vocab_ids, sequences = setups[BASELINE_TEACHER]
+    t0 = time.perf_counter()
+    reference = [_reference_align(*seq, tt, ut, vocab_ids) for seq in sequences[:BASELINE_CHUNKS]]
+    baseline_s = time.perf_counter() - t0
+    baseline = sum(len(seq[0]) for seq in sequences[:BASELINE_CHUNKS]) / baseline_s
+    ours = align_many(sequences[:BASELINE_CHUNKS], tt, ut, "mined", vocab_ids)
+    same_src = all(np.array_equal(a, b) for a, (b, _) in zip(ours, reference))
+    inter = union = 0
+    for seq, (_, ref_pairs) in zip(sequences[:BASELINE_CHUNKS], reference):
+        banded = _banded_pairs(*seq, tt, ut)
+        inter, union = inter + len(banded & ref_pairs), union + len(banded | ref_pairs)
+
+    common = {"chunks": CHUNKS, "block_size": BLOCK, "target_tokens_per_teacher": target_tokens}
+    for mode in MODES:
+        value = len(TEACHERS) * target_tokens / sum(seconds[mode].values())
+        extra = {}
+        if mode == "mined":
+            extra = {"baseline": round(baseline, 1), "ratio": round(value / baseline, 1),
+                     "baseline_chunks": BASELINE_CHUNKS, "baseline_teacher": BASELINE_TEACHER}
+        figures.append(_figure(f"align_{mode}_tokens_per_s", round(value), "target tokens/s",
+                               teachers=list(TEACHERS), **extra, **common))
+        for name in TEACHERS:
+            figures.append(_figure(f"align_{mode}_tokens_per_s_{name}", round(target_tokens / seconds[mode][name]),
+                                   "target tokens/s", **common))
+    figures.append(_figure("align_mined_pairs_agreement", round(inter / max(union, 1), 4), "fraction",
+                           chunks=BASELINE_CHUNKS, teacher=BASELINE_TEACHER, pairs_in_either=union,
+                           same_src=same_src))
+    for (mode, name), rate in rates.items():
+        figures.append(_figure(f"align_fallback_rate_{mode}_{name}", round(rate, 4), "fraction", chunks=CHUNKS))
+    return figures

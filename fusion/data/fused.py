@@ -1,0 +1,220 @@
+"""`FusionDataModule`: target tokens with every teacher's aligned, sparse next-token distribution.
+
+Training batches come from an `IterableDataset` over the chunks (`fusion.data.chunks`) that reads
+the teachers' shards (`fusion.data.store`) and alignments (`fusion.data.align_shards`) and yields
+whole collated batches:
+
+    input_ids        [B, L]        target tokens (padded with the pad id)
+    attention_mask   [B, L]
+    labels           [B, L]        input_ids, -100 on padding
+    teacher_ids      [B, T, L, k]  teacher t's candidates for the token after position l, in target ids
+    teacher_logprobs [B, T, L, k]  their log-probs (-inf for dropped / pooled entries; a one-hot 0 where
+                                   the alignment fell back to the gold token)
+    teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the chunk
+    teacher_token_ce [B, T, L]     its CE at the aligned position (the chunk mean where it fell back)
+    teacher_fallback [B, T, L]     bool: no aligned teacher prediction at l
+
+T is the number of teachers, k their top-k: nothing is ever `[B, L, V]`.
+
+Order: an epoch is a seeded two-level shuffle (shards in random order, chunks shuffled within
+windows of a few shards, so a worker reads each shard once), cut into global batches of
+``batch_size * world_size``; rank r takes its slice of every global batch, and DataLoader worker w
+the batches ``b`` with ``(b - start) % workers == w`` (PyTorch returns worker results round-robin,
+so the stream is in batch order). The position (epoch, batches consumed) is saved in checkpoints:
+a resumed run continues at the next batch, no sample seen twice, none skipped. Chunks on which
+any teacher produced NaN/inf are left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fusion.data.align_shards import read_alignment
+from fusion.data.alignment import aligned_distribution
+from fusion.data.chunks import load_chunk_set
+from fusion.data.prepare import PreparedTeacher
+from fusion.data.text import TextDataModule
+from fusion.errors import FusionError
+
+_WINDOW = 4  # shards whose chunks are shuffled together
+
+
+def epoch_order(chunk_ids: np.ndarray, chunks_per_shard: int, seed: int, epoch: int) -> np.ndarray:
+    """The chunk ids of one epoch: shards shuffled, chunks shuffled within windows of `_WINDOW` shards."""
+    rng = np.random.default_rng([seed, epoch])
+    shards = np.unique(chunk_ids // chunks_per_shard)
+    rng.shuffle(shards)
+    order = []
+    for start in range(0, len(shards), _WINDOW):
+        window = chunk_ids[np.isin(chunk_ids // chunks_per_shard, shards[start:start + _WINDOW])]
+        order.append(rng.permutation(window))
+    return np.concatenate(order) if order else chunk_ids[:0]
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's batches: its slice of each full global batch (a last partial global batch is dropped)."""
+    global_size = batch_size * world_size
+    n = len(order) // global_size
+    return [order[b * global_size + rank * batch_size:b * global_size + (rank + 1) * batch_size] for b in range(n)]
+
+
+class FusedBatches(IterableDataset):
+    """Yields collated batches (see the module docstring) for one rank, from batch ``start`` of ``epoch``."""
+
+    def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], chunk_ids: np.ndarray, batch_size: int,
+                 seed: int, rank: int, world_size: int, keep_exact_only: bool, pad_id: int) -> None:
+        self.chunk_folder, self.teachers, self.chunk_ids = chunk_folder, teachers, chunk_ids
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.keep_exact_only, self.pad_id = keep_exact_only, pad_id
+        self.chunks_per_shard = teachers[0].store.chunks_per_shard
+        self.epoch, self.start = 0, 0
+        self._chunks = None
+        self._cache: dict = {}
+
+    def batches(self) -> list[np.ndarray]:
+        order = epoch_order(self.chunk_ids, self.chunks_per_shard, self.seed, self.epoch)
+        return rank_batches(order, self.batch_size, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids) // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        batches = self.batches()
+        for b in range(self.start + worker, len(batches), workers):
+            yield self.collate(batches[b])
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _shard(self, t: int, shard: int):
+        """Teacher t's shard and alignment; the last `_WINDOW` of each teacher stay in memory (an epoch
+        visits a window's shards in mixed order, then moves on), so each is read once per epoch."""
+        key = (t, shard)
+        if key not in self._cache:
+            mine = [k for k in self._cache if k[0] == t]
+            if len(mine) >= _WINDOW:
+                del self._cache[mine[0]]  # dicts keep insertion order: the oldest
+            teacher = self.teachers[t]
+            self._cache[key] = (teacher.store.read_shard(shard), read_alignment(teacher.alignment, shard))
+        return self._cache[key]
+
+    def example(self, chunk_id: int) -> dict:
+        """One chunk: its target ids and, per teacher, the aligned distribution and CEs."""
+        if self._chunks is None:
+            self._chunks, _ = load_chunk_set(self.chunk_folder)
+        target = np.asarray(self._chunks[int(chunk_id)]["input_ids"], dtype=np.int64)
+        shard, i = divmod(int(chunk_id), self.chunks_per_shard)
+        per_teacher = []
+        for t, teacher in enumerate(self.teachers):
+            data, (src, offsets) = self._shard(t, shard)
+            row = data.chunk(i)
+            chunk_src = src[offsets[i]:offsets[i + 1]]
+            ids, logprobs, fallback = aligned_distribution(
+                chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
+                keep=teacher.exact if self.keep_exact_only else None)
+            token_ce = np.where(fallback, row["chunk_ce"], row["token_ce"][chunk_src.clip(min=0)].astype(np.float32))
+            per_teacher.append((ids, logprobs, fallback, row["chunk_ce"], token_ce))
+        return {"input_ids": target, "teachers": per_teacher}
+
+    def collate(self, chunk_ids: np.ndarray) -> dict:
+        examples = [self.example(c) for c in chunk_ids]
+        b, t = len(examples), len(self.teachers)
+        length = max(len(e["input_ids"]) for e in examples)
+        k = examples[0]["teachers"][0][0].shape[1]
+        input_ids = np.full((b, length), self.pad_id, dtype=np.int64)
+        labels = np.full((b, length), -100, dtype=np.int64)
+        mask = np.zeros((b, length), dtype=np.int64)
+        t_ids = np.zeros((b, t, length, k), dtype=np.int64)
+        t_lp = np.full((b, t, length, k), -np.inf, dtype=np.float32)
+        t_lp[..., 0] = 0.0  # positions without a prediction: a one-hot (on id 0), masked by the labels
+        t_ce = np.zeros((b, t), dtype=np.float32)
+        t_token_ce = np.zeros((b, t, length), dtype=np.float32)
+        t_fallback = np.ones((b, t, length), dtype=bool)
+        for n, e in enumerate(examples):
+            size = len(e["input_ids"])
+            input_ids[n, :size] = labels[n, :size] = e["input_ids"]
+            mask[n, :size] = 1
+            for j, (ids, lp, fallback, ce, token_ce) in enumerate(e["teachers"]):
+                t_ids[n, j, :size - 1], t_lp[n, j, :size - 1] = ids, lp
+                t_fallback[n, j, :size - 1], t_token_ce[n, j, :size - 1] = fallback, token_ce
+                t_ce[n, j] = ce
+        arrays = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "teacher_ids": t_ids,
+                  "teacher_logprobs": t_lp, "teacher_ce": t_ce, "teacher_token_ce": t_token_ce,
+                  "teacher_fallback": t_fallback, "chunk_ids": np.asarray(chunk_ids, dtype=np.int64)}
+        return {key: torch.from_numpy(value) for key, value in arrays.items()}
+
+
+class FusedLoader(DataLoader):
+    """A DataLoader over `FusedBatches` whose position Lightning checkpoints (see `ConsumedBatches`)."""
+
+    def __init__(self, dataset: FusedBatches, num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        if self.consumed >= len(self):  # the previous epoch ran to its end: start the next one
+            self.dataset.epoch, self.consumed = self.dataset.epoch + 1, 0
+        self.dataset.start = self.consumed  # read by the workers, created by this call
+        return super().__iter__()
+
+    def batch_consumed(self) -> None:
+        self.consumed += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch, "consumed": self.consumed, "seed": self.dataset.seed,
+                "batches": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.dataset.seed or state.get("batches") != len(self):
+            raise FusionError(f"the checkpoint's data order (seed {state.get('seed')}, {state.get('batches')} batches "
+                              f"per epoch) differs from this run's (seed {self.dataset.seed}, {len(self)}); resume "
+                              "with the same recipe")
+        self.dataset.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class FusionDataModule(pl.LightningDataModule):
+    """Fused training batches (`FusedBatches`) and the target's held-out validation sets (`TextDataModule`)."""
+
+    def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], n_chunks: int, bad_chunks: set[int],
+                 validation: TextDataModule, batch_size: int, seed: int, keep_exact_only: bool, pad_id: int,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.chunk_folder, self.teachers, self.validation = chunk_folder, teachers, validation
+        self.chunk_ids = np.array([c for c in range(n_chunks) if c not in bad_chunks], dtype=np.int64)
+        self.batch_size, self.seed, self.keep_exact_only, self.pad_id = batch_size, seed, keep_exact_only, pad_id
+        self.num_workers = num_workers
+        self._train: FusedLoader | None = None
+
+    def prepare_data(self) -> None:
+        self.validation.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.validation.setup(stage)
+
+    @property
+    def validation_names(self) -> list[str]:
+        return self.validation.validation_names
+
+    def train_dataloader(self) -> FusedLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(self.chunk_ids) < self.batch_size * world_size:
+            raise FusionError(f"{len(self.chunk_ids)} usable chunks cannot fill one batch of trainer.batch_size="
+                              f"{self.batch_size} on {world_size} devices; raise representations.max_chunks")
+        if self._train is None:  # one loader per run, so its position survives Lightning's reloads
+            dataset = FusedBatches(self.chunk_folder, self.teachers, self.chunk_ids, self.batch_size, self.seed, rank,
+                                   world_size, self.keep_exact_only, self.pad_id)
+            self._train = FusedLoader(dataset, num_workers=self.num_workers)
+        return self._train
+
+    def val_dataloader(self):
+        self.validation.trainer = self.trainer
+        return self.validation.val_dataloader()

@@ -1,0 +1,146 @@
+"""The FuseLLM recipe end to end on the small zoo: stages, results, export, resume at the exact batch, DDP."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT, run_fit, tiny_overrides
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fusion.loggers import read_metrics
+
+
+def fusellm_overrides(out, zoo_dir, cache_dir, **changes):
+    values = {"representations.dir": str(cache_dir / "representations"), "representations.max_chunks": 96,
+              "representations.chunks_per_shard": 16, "data.block_size": 96, "trainer.batch_size": 4,
+              "trainer.max_steps": 16, "trainer.val_every_n_steps": 8, "trainer.checkpoint_every_n_steps": 4,
+              "data.max_validation_blocks": 4}
+    values.update(changes)
+    return tiny_overrides(out, zoo_dir, cache_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def fusellm_run(tmp_path_factory, zoo_dir, cache_dir):
+    out = tmp_path_factory.mktemp("runs") / "fusellm"
+    overrides = fusellm_overrides(out, zoo_dir, cache_dir)
+    result = run_fit("--recipe", "fusellm.yaml", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, overrides, result
+
+
+def test_fusellm_runs_every_stage_and_reports(fusellm_run):
+    out, _, result = fusellm_run
+    for stage in ("representations", "alignment", "baseline", "train", "export", "evaluate"):
+        assert (out / "stages" / f"{stage}.json").exists(), stage
+    alignment = json.loads((out / "stages" / "alignment.json").read_text())["teachers"]
+    assert alignment["target"]["fallback_rate"] == 0  # the target aligned with itself: the identity
+    assert 0 < alignment["gpt2-code"]["fallback_rate"] < 1 and 0 < alignment["neox-prose"]["fallback_rate"] < 1
+    assert "falls back to the gold token" in result.stdout
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert {"train/clm_loss", "train/distill_loss", "train/teacher_weight/gpt2-code"} <= metrics.keys()
+    losses = [v for _, v in sorted(metrics["train/loss"].items())]
+    assert sum(losses[-4:]) < sum(losses[:4])  # it learns (16 steps are too few to promise held-out gains)
+    results = json.loads((out / "results.json").read_text())["validation"]
+    assert {"zoo:target (before)", "fusellm (after, exported)"} <= results.keys()
+    assert 1 < results["fusellm (after, exported)"]["val/perplexity"] < 1000
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.model_type == "llama"
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_second_run_reuses_the_teachers_representations(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    _, overrides, _ = fusellm_run
+    other = fusellm_overrides(tmp_path / "again", zoo_dir, cache_dir, **{"trainer.max_steps": 2,
+                                                                          "trainer.val_every_n_steps": 2,
+                                                                          "fusion.function": "avgce"})
+    result = run_fit("--recipe", "fusellm.yaml", *other)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shards to compute" not in result.stdout  # every teacher's shards were already there
+
+
+_KILL_AT_STEP_9 = """
+import os, signal, sys
+import lightning.pytorch as pl
+from fusion.recipe import load_recipe
+from fusion.pipeline import run
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 9:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_recipe("fusellm.yaml", sys.argv[1:]), extra_callbacks=[Kill()])
+"""
+
+
+def test_killed_fusellm_run_resumes_at_the_exact_batch(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    uninterrupted, _, _ = fusellm_run
+    out = tmp_path / "killed"
+    overrides = fusellm_overrides(out, zoo_dir, cache_dir)
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILL_AT_STEP_9), *overrides], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    resumed = run_fit("--recipe", "fusellm.yaml", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    a = load_file(uninterrupted / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    for name in a:  # the same batches in the same order: the same weights
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    losses_a = read_metrics(uninterrupted / "metrics.jsonl")["train/loss"]
+    losses_b = read_metrics(out / "metrics.jsonl")["train/loss"]
+    for step in range(8, 16):
+        assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-5)
+
+
+_RECORD_CHUNKS = """
+import json, os, sys
+import lightning.pytorch as pl
+from fusion.recipe import load_recipe
+from fusion.pipeline import run
+
+class Record(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(batch["chunk_ids"].tolist()) + "\\n")
+
+run(load_recipe("fusellm.yaml", sys.argv[2:]), extra_callbacks=[Record()])
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_sees_every_chunk_exactly_once_per_epoch(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    script = tmp_path / "record.py"  # Lightning's DDP launcher re-runs this file for rank 1
+    script.write_text(textwrap.dedent(_RECORD_CHUNKS))
+    out = tmp_path / "ddp"
+    overrides = fusellm_overrides(out, zoo_dir, cache_dir, **{
+        "trainer.devices": 2, "trainer.strategy": "ddp", "trainer.process_group_backend": "gloo",
+        "trainer.max_steps": -1, "trainer.max_epochs": 1, "trainer.val_every_n_steps": "null",
+        "wandb.mode": "disabled"})
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), *overrides], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = {rank: [c for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()
+                   for c in json.loads(line)] for rank in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 96 // 2  # 96 chunks, batches of 4 per rank: 12 steps each
+    assert sorted(seen[0] + seen[1]) == list(range(96))  # every chunk once, none twice
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_a_fusion_loss_subclass_trains_from_a_recipe(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    out = tmp_path / "rkl"
+    overrides = fusellm_overrides(out, zoo_dir, cache_dir, **{
+        "module_class": "fusion.modules.reverse_kl.ReverseKLFuseLLM", "trainer.max_steps": 4,
+        "trainer.val_every_n_steps": 4, "wandb.mode": "disabled"})
+    result = run_fit("--recipe", "fusellm.yaml", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "module ReverseKLFuseLLM" in result.stdout
+    distill = read_metrics(out / "metrics.jsonl")["train/distill_loss"]
+    assert len(distill) == 4 and all(0 <= v < 100 for v in distill.values())
+    hparams = torch.load(out / "checkpoints" / "final.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["fusion"]["function"] == "mince"

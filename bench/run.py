@@ -20,6 +20,7 @@ BENCHMARKS = {  # name -> module with run() -> list[dict]
     "vocab_map": "bench.vocab_map",
     "alignment": "bench.alignment",
     "storage": "bench.storage",
+    "fusion_step": "bench.fusion_step",
 }
 
 

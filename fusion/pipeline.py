@@ -95,7 +95,8 @@ class Run:
         if saved_file.exists():
             saved = _flatten(yaml.safe_load(saved_file.read_text()))
             for key, value in _flatten(resolved).items():
-                if not key.startswith(_RESUMABLE_CHANGES) and saved.get(key) != value:
+                # a key missing from the saved recipe did not exist when it was written: not a difference
+                if not key.startswith(_RESUMABLE_CHANGES) and key in saved and saved[key] != value:
                     raise FusionError(
                         f"{self.dir} holds a run of a different recipe ({key}: {saved.get(key)!r} there, "
                         f"{value!r} now); resume with the same recipe, or start anew with output_dir=runs/NEW_NAME")

@@ -134,6 +134,9 @@ class FusionConfig:
     softmax(-CE)."""
     level: Literal["sequence", "token"] = "sequence"
     """Where the CE that picks or weighs teachers is measured: per chunk (the paper) or per token."""
+    ce_unit: Literal["own_token", "target_token"] = "own_token"
+    """Sequence level: a teacher's chunk CE per token of its own tokenizer (the paper), or its summed CE per
+    target token, which compares teachers with finer and coarser tokenizers fairly."""
     clm_weight: float = 0.9
     """The paper's lambda."""
     clm_weight_schedule: Literal["constant", "linear"] = "constant"

@@ -52,14 +52,14 @@ def test_fusellm_runs_every_stage_and_reports(fusellm_run):
     assert list((out / "wandb").glob("offline-run-*"))
 
 
-def test_second_run_reuses_the_teachers_representations(fusellm_run, tmp_path, zoo_dir, cache_dir):
-    _, overrides, _ = fusellm_run
-    other = fusellm_overrides(tmp_path / "again", zoo_dir, cache_dir, **{"trainer.max_steps": 2,
-                                                                          "trainer.val_every_n_steps": 2,
-                                                                          "fusion.function": "avgce"})
+def test_a_new_teacher_is_the_only_one_computed(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    teachers = "[{path: zoo:target, name: target}, {path: zoo:gpt2-code, name: gpt2-8bit, quantization: 8bit}]"
+    other = fusellm_overrides(tmp_path / "again", zoo_dir, cache_dir, **{
+        "teachers": teachers, "trainer.max_steps": 2, "trainer.val_every_n_steps": 2, "fusion.function": "avgce"})
     result = run_fit("--recipe", "fusellm.yaml", *other)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "shards to compute" not in result.stdout  # every teacher's shards were already there
+    computed = [line for line in result.stdout.splitlines() if "shards to compute" in line]
+    assert len(computed) == 1 and "teacher gpt2-8bit:" in computed[0]  # the target's shards were reused
 
 
 _KILL_AT_STEP_9 = """

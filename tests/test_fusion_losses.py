@@ -138,3 +138,13 @@ def test_reverse_kl_example_subclass_is_nonnegative_and_zero_on_agreement():
     ids, probs = m.fuse(batch)
     _, kl = m.distillation(logits, batch, ids, probs)
     assert abs(float(kl)) < 1e-5
+
+
+def test_mince_can_compare_teachers_per_target_token():
+    batch = fused_batch(t=2)
+    batch["teacher_ids"][:, 0], batch["teacher_ids"][:, 1] = 5, 7  # teacher 0 proposes id 5, teacher 1 id 7
+    batch["teacher_ce"] = torch.tensor([[1.0, 2.0], [1.0, 2.0]])  # per own token: teacher 0 looks better
+    batch["teacher_ce_per_target_token"] = torch.tensor([[3.0, 2.5], [3.0, 2.5]])  # per target token: teacher 1
+    own = module(FuseLLMModule, clm_weight=0.9)
+    fair = module(FuseLLMModule, clm_weight=0.9, ce_unit="target_token")
+    assert (own.fuse(batch)[0] == 5).all() and (fair.fuse(batch)[0] == 7).all()

@@ -86,3 +86,17 @@ def test_overrides_are_typed_and_round_trip():
     assert isinstance(recipe.optim.betas, tuple)
     again = to_dict(recipe)
     assert again["trainer"]["max_steps"] == 7 and again["optim"]["betas"] == [0.9, 0.95]
+
+
+def test_fsdp_strategy_finds_the_layer_class():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fusion.trainer import build_strategy
+
+    # the class is found in the model's own transformers module, not by importing every model module
+    # (some need optional packages such as librosa: that scan broke on a GPU machine)
+    recipe = load_recipe("clm-llama2-7b.yaml", ["model.path=zoo:target"])
+    strategy = build_strategy(recipe)
+    assert isinstance(strategy, FSDPStrategy)
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes

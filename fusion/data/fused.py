@@ -11,6 +11,8 @@ whole collated batches:
     teacher_logprobs [B, T, L, k]  their log-probs (-inf for dropped / pooled entries; a one-hot 0 where
                                    the alignment fell back to the gold token)
     teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the chunk
+    teacher_ce_per_target_token [B, T]  its summed CE over the chunk / the chunk's target predictions
+                                   (comparable across tokenizers: a fine tokenizer's own-token CE is lower)
     teacher_token_ce [B, T, L]     its CE at the aligned position (the chunk mean where it fell back)
     teacher_fallback [B, T, L]     bool: no aligned teacher prediction at l
 
@@ -118,7 +120,8 @@ class FusedBatches(IterableDataset):
                 chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
                 keep=teacher.exact if self.keep_exact_only else None)
             token_ce = np.where(fallback, row["chunk_ce"], row["token_ce"][chunk_src.clip(min=0)].astype(np.float32))
-            per_teacher.append((ids, logprobs, fallback, row["chunk_ce"], token_ce))
+            ce_target = row["chunk_ce"] * (len(row["tokens"]) - 1) / max(len(target) - 1, 1)
+            per_teacher.append((ids, logprobs, fallback, row["chunk_ce"], ce_target, token_ce))
         return {"input_ids": target, "teachers": per_teacher}
 
     def collate(self, chunk_ids: np.ndarray) -> dict:
@@ -133,18 +136,20 @@ class FusedBatches(IterableDataset):
         t_lp = np.full((b, t, length, k), -np.inf, dtype=np.float32)
         t_lp[..., 0] = 0.0  # positions without a prediction: a one-hot (on id 0), masked by the labels
         t_ce = np.zeros((b, t), dtype=np.float32)
+        t_ce_target = np.zeros((b, t), dtype=np.float32)
         t_token_ce = np.zeros((b, t, length), dtype=np.float32)
         t_fallback = np.ones((b, t, length), dtype=bool)
         for n, e in enumerate(examples):
             size = len(e["input_ids"])
             input_ids[n, :size] = labels[n, :size] = e["input_ids"]
             mask[n, :size] = 1
-            for j, (ids, lp, fallback, ce, token_ce) in enumerate(e["teachers"]):
+            for j, (ids, lp, fallback, ce, ce_target, token_ce) in enumerate(e["teachers"]):
                 t_ids[n, j, :size - 1], t_lp[n, j, :size - 1] = ids, lp
                 t_fallback[n, j, :size - 1], t_token_ce[n, j, :size - 1] = fallback, token_ce
-                t_ce[n, j] = ce
+                t_ce[n, j], t_ce_target[n, j] = ce, ce_target
         arrays = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "teacher_ids": t_ids,
-                  "teacher_logprobs": t_lp, "teacher_ce": t_ce, "teacher_token_ce": t_token_ce,
+                  "teacher_logprobs": t_lp, "teacher_ce": t_ce, "teacher_ce_per_target_token": t_ce_target,
+                  "teacher_token_ce": t_token_ce,
                   "teacher_fallback": t_fallback, "chunk_ids": np.asarray(chunk_ids, dtype=np.int64)}
         return {key: torch.from_numpy(value) for key, value in arrays.items()}
 

@@ -48,7 +48,10 @@ class FuseLLMModule(CausalLMModule):
         """The fused teacher distribution ``(ids, probs)``, ``[B, L, K]`` (override for a new fusion function)."""
         f = self.fusion_config
         probs = teacher_probs(batch["teacher_logprobs"], f.temperature)
-        ce = batch["teacher_ce"] if f.level == "sequence" else batch["teacher_token_ce"]
+        if f.level == "token":
+            ce = batch["teacher_token_ce"]
+        else:
+            ce = batch["teacher_ce"] if f.ce_unit == "own_token" else batch["teacher_ce_per_target_token"]
         ids, fused, weights = fuse_teachers(batch["teacher_ids"], probs, ce, f.function)
         if self.teacher_labels and self._trainer is not None:  # how often each teacher is chosen / weighed
             share = weights.float().mean(dim=tuple(d for d in range(weights.dim()) if d != 1))

@@ -25,7 +25,14 @@ import torch
 from fusion.data.align_shards import align_teacher, alignment_folder
 from fusion.data.alignment import TokenTable
 from fusion.data.chunks import CHUNKING_VERSION, build_chunk_set, load_chunk_set
-from fusion.data.representations import default_store_dir, extract, teacher_identity, teacher_store
+from fusion.data.representations import (
+    ShardWriter,
+    default_store_dir,
+    extract,
+    resolve_dtype,
+    teacher_identity,
+    teacher_store,
+)
 from fusion.data.store import TeacherStore
 from fusion.data.text import document_splits, load_tokenizer, tokenizer_fingerprint
 from fusion.data.vocab import build_vocab_map
@@ -97,8 +104,6 @@ def _teacher_paths(recipe: Recipe, teacher: TeacherConfig) -> tuple[str, str]:
 
 
 def open_teacher_store(recipe: Recipe, teacher: TeacherConfig, info: dict, gpu: bool) -> TeacherStore:
-    from fusion.data.representations import resolve_dtype
-
     model_path, tokenizer_path = _teacher_paths(recipe, teacher)
     tokenizer = load_tokenizer(tokenizer_path, teacher.trust_remote_code)
     identity = teacher_identity(teacher, model_path, tokenizer, recipe.representations.top_k,
@@ -111,8 +116,6 @@ def extract_teachers(recipe: Recipe, chunks, info: dict, build_trainer) -> dict:
 
     Returns ``{label: {"folder", "shards", "bad_chunks"}}`` for the stage record.
     """
-    from fusion.data.representations import ShardWriter
-
     result = {}
     limit = used_chunks(recipe, info)
     gpu = uses_gpu(recipe)

@@ -137,7 +137,7 @@ def test_reverse_kl_example_subclass_is_nonnegative_and_zero_on_agreement():
     batch["teacher_logprobs"] = own.unsqueeze(1)
     ids, probs = m.fuse(batch)
     _, kl = m.distillation(logits, batch, ids, probs)
-    assert abs(float(kl)) < 1e-5
+    assert abs(kl.item()) < 1e-5
 
 
 def test_mince_can_compare_teachers_per_target_token():

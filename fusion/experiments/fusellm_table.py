@@ -16,6 +16,7 @@ and two more that probe why the result comes out as it does:
 
     fusellm-lambda0.5   MinCE with lambda = 0.5: more weight on the teachers
     fusellm-target-ce   MinCE choosing teachers by CE per *target* token instead of per own token
+    fusellm-target-ce-lambda0.5   both
 
 Held-out perplexity per domain and overall (the validation blocks of every run) is tabulated beside
 the initial target's and each source model's. A source's perplexity is measured on the same text:
@@ -59,6 +60,7 @@ VARIANTS = {
     # beyond the paper: what moves the result (see the README)
     "fusellm-lambda0.5": ["fusion.clm_weight=0.5"],
     "fusellm-target-ce": ["fusion.ce_unit=target_token"],
+    "fusellm-target-ce-lambda0.5": ["fusion.ce_unit=target_token", "fusion.clm_weight=0.5"],
 }
 SOURCES = ("gpt2-code", "neox-prose")
 

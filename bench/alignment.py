@@ -37,13 +37,13 @@ import random
 import time
 
 import numpy as np
-from rapidfuzz.distance import Levenshtein
 
 from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, byte_spans
 from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
 from fusion.data.vocab import build_vocab_map
+from fusion.reference import dtw_path, one_to_one
 from fusion.zoo import resolve_model
 
 BLOCK = 2048
@@ -71,51 +71,6 @@ def _chunks(target_tok) -> list[tuple[str, bool]]:
     return [full[int(i * step)] for i in range(CHUNKS)]
 
 
-def _reference_dtw(a: list[str], b: list[str]) -> list[tuple[int, int]]:
-    """FuseLLM-style DTW: full matrix, one Levenshtein call per cell, Python loops; the path, in order."""
-    n, m = len(a), len(b)
-    inf = float("inf")
-    d = []
-    prev = None
-    for i in range(n):
-        row = [0] * m
-        ai = a[i]
-        for j in range(m):
-            cost = Levenshtein.distance(ai, b[j])
-            if i == 0:
-                row[j] = cost if j == 0 else cost + row[j - 1]
-            elif j == 0:
-                row[j] = cost + prev[j]
-            else:
-                row[j] = cost + min(prev[j - 1], prev[j], row[j - 1])
-        d.append(row)
-        prev = row
-    i, j = n - 1, m - 1
-    path = [(i, j)]
-    while i > 0 or j > 0:
-        diag = d[i - 1][j - 1] if i > 0 and j > 0 else inf
-        up = d[i - 1][j] if i > 0 else inf
-        left = d[i][j - 1] if j > 0 else inf
-        move = min(range(3), key=[diag, up, left].__getitem__)  # first minimum: diagonal, up, left
-        if move == 0:
-            i, j = i - 1, j - 1
-        elif move == 1:
-            i -= 1
-        else:
-            j -= 1
-        path.append((i, j))
-    return path[::-1]
-
-
-def _one_to_one(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    rows: dict[int, int] = {}
-    cols: dict[int, int] = {}
-    for i, j in path:
-        rows[i] = rows.get(i, 0) + 1
-        cols[j] = cols.get(j, 0) + 1
-    return [(i, j) for i, j in path if rows[i] == 1 and cols[j] == 1]
-
-
 def _reference_align(target_ids, teacher_ids, ends_document, nbytes, tt: TokenTable, ut: TokenTable,
                      vocab_ids: np.ndarray) -> tuple[np.ndarray, set]:
     """``(src, one-to-one pairs)`` with the reference DTW, in `align`'s layout and MinED acceptance."""
@@ -123,7 +78,7 @@ def _reference_align(target_ids, teacher_ids, ends_document, nbytes, tt: TokenTa
     t_text, u_text = target_ids[1:len(target_ids) - end], teacher_ids[1:len(teacher_ids) - end]
     a_str = _spelled(t_text, tt, byte_spans(t_text, tt, nbytes)[2])
     b_str = _spelled(u_text, ut, byte_spans(u_text, ut, nbytes)[2])
-    pairs = _one_to_one(_reference_dtw(a_str, b_str))
+    pairs = one_to_one(dtw_path(a_str, b_str))
     src = np.full(len(target_ids) - 1, -1, dtype=np.int32)
     if ends_document:
         src[len(t_text)] = len(u_text)

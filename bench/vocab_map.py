@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fusion.data.corpus import embedded_corpus
 from fusion.data.vocab import build_vocab_map, canonical_tokens
+from fusion.reference import levenshtein
 
 TARGET_SIZE = 32_000
 TEACHER_SIZE = 50_000
@@ -57,16 +58,6 @@ def _train(make, texts: list[str], size: int):
     return make(augmented, size), True
 
 
-def _levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def run() -> list[dict]:
     texts = [d["text"] for d in embedded_corpus("train")]
     t0 = time.perf_counter()
@@ -84,7 +75,7 @@ def run() -> list[dict]:
     sample = random.Random(0).sample(range(len(t_strings)), BASELINE_SAMPLE)
     t0 = time.perf_counter()
     for i in sample:
-        distances = [_levenshtein(t_strings[i], g) for g in g_strings]
+        distances = [levenshtein(t_strings[i], g) for g in g_strings]
         min(range(len(distances)), key=distances.__getitem__)
     baseline = (time.perf_counter() - t0) / BASELINE_SAMPLE * len(t_strings)
 

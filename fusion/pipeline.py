@@ -79,6 +79,7 @@ class Run:
         self.dir = self.recipe.run_dir
         self.loggers: list | None = None
         self._datamodule: TextDataModule | None = None
+        self._aligned: tuple | None = None  # (teachers, rates) of the alignment stage, for the data module
         z = self.recipe.zoo  # zoo:NAME paths build the zoo on first use
         self.model_path = resolve_model(self.recipe.model.path, z.size, z.dir)
         self.tokenizer_path = resolve_model(self.recipe.model.tokenizer or self.recipe.model.path, z.size, z.dir)
@@ -133,7 +134,8 @@ class Run:
     def _fusion_datamodule(self, validation: TextDataModule) -> FusionDataModule:
         r = self.recipe
         reps = self.done["representations"]
-        teachers, rates = align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        teachers, rates = self._aligned or align_teachers(r, r.fusion.alignment, Path(reps["chunks"]),
+                                                          reps["chunk_info"])
         bad = {c for rate in rates.values() for c in rate["bad_chunks"]}
         tokenizer = load_tokenizer(self.tokenizer_path, r.model.trust_remote_code)
         return FusionDataModule(Path(reps["chunks"]), teachers, reps["used_chunks"], bad, validation,
@@ -176,7 +178,8 @@ class Run:
             align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"],
                            torch.distributed.get_rank(), torch.distributed.get_world_size())
             torch.distributed.barrier()
-        _, rates = align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        self._aligned = align_teachers(r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        rates = self._aligned[1]
         if self.is_global_zero:
             for label, rate in rates.items():
                 print(f"[fusion] teacher {label}: {r.fusion.alignment} alignment falls back to the gold token at "

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from rapidfuzz.distance import Levenshtein
 
 from fusion.data.alignment import TokenTable, align, align_many, aligned_distribution
 from fusion.data.chunks import sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
 from fusion.data.vocab import build_vocab_map
+from fusion.reference import dtw_path, one_to_one
 from fusion.zoo import resolve_model
 
 # Hand-built vocabularies: id 0 = start, 1 = eos, then text pieces (canonical strings: " " is a space).
@@ -98,30 +98,6 @@ def test_duplicate_mapped_candidates_pool_their_probability_and_exact_mode_drops
     np.testing.assert_allclose(np.exp(out_lp[0]), [0.5, 0.0, 0.2], atol=1e-6)
 
 
-def _full_dtw_pairs(a_strings: list[str], b_strings: list[str]) -> set[tuple[int, int]]:
-    """Straightforward O(n*m) DTW with Levenshtein cost, backtrack preferring diagonal, up, left."""
-    n, m = len(a_strings), len(b_strings)
-    inf = float("inf")
-    d = [[inf] * m for _ in range(n)]
-    for i in range(n):
-        for j in range(m):
-            c = Levenshtein.distance(a_strings[i], b_strings[j])
-            if i == 0 and j == 0:
-                d[i][j] = c
-            else:
-                d[i][j] = c + min(d[i - 1][j - 1] if i and j else inf, d[i - 1][j] if i else inf,
-                                  d[i][j - 1] if j else inf)
-    path, i, j = [(n - 1, m - 1)], n - 1, m - 1
-    while i or j:
-        options = [(d[i - 1][j - 1] if i and j else inf, i - 1, j - 1), (d[i - 1][j] if i else inf, i - 1, j),
-                   (d[i][j - 1] if j else inf, i, j - 1)]
-        _, i, j = min(options, key=lambda o: o[0])
-        path.append((i, j))
-    rows = [p[0] for p in path]
-    cols = [p[1] for p in path]
-    return {(i, j) for i, j in path if rows.count(i) == 1 and cols.count(j) == 1}
-
-
 @pytest.fixture(scope="module")
 def zoo_tokenizers(zoo_dir):
     return {name: load_tokenizer(resolve_model(f"zoo:{name}", "small", zoo_dir))
@@ -174,4 +150,4 @@ def test_zoo_teachers_report_a_fallback_rate_and_banded_dtw_matches_full_dtw(zoo
         ts, us = byte_spans(t_text, tt, nbytes), byte_spans(u_text, ut, nbytes)
         a_str, b_str = _spelled(t_text, tt, ts[2]), _spelled(u_text, ut, us[2])
         ((a, b),) = _dtw_pairs([(a_str, b_str, ts, us)])
-        assert set(zip(a.tolist(), b.tolist())) == _full_dtw_pairs(a_str, b_str)
+        assert set(zip(a.tolist(), b.tolist())) == set(one_to_one(dtw_path(a_str, b_str)))

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from fusion.data import vocab
 from fusion.data.vocab import build_vocab_map, canonical_tokens, tokenizer_family, vocab_map_key
 from fusion.errors import FusionError
+from fusion.reference import levenshtein
 from fusion.zoo import resolve_model
 
 
@@ -22,17 +23,6 @@ def zoo(zoo_dir):
         path = resolve_model(f"zoo:{name}", "small", zoo_dir)
         out[name] = (AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path).vocab_size)
     return out
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Textbook dynamic programme, one row at a time: the reference for rapidfuzz."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def test_byte_decoder_is_gpt2s_alphabet():

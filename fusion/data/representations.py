@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusion.data.chunks import sequence_ids
 from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
-from fusion.data.text import load_tokenizer, tokenizer_fingerprint
+from fusion.data.text import cache_root, load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError
 from fusion.recipe import TeacherConfig
 
@@ -40,7 +39,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def default_store_dir() -> Path:
-    return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion")) / "representations"
+    return cache_root() / "representations"
 
 
 def model_fingerprint(path: str) -> str:

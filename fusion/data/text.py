@@ -30,8 +30,13 @@ _PACKING_VERSION = 1
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+def cache_root() -> Path:
+    """Where fusion caches what it computes: ``$FUSION_CACHE``, else ``~/.cache/fusion``."""
+    return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion")) / "data"
+    return cache_root() / "data"
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

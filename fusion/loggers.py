@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from fusion.recipe import WandbConfig
+from fusion.config import WandbConfig
 
 
 class JsonlLogger(Logger):

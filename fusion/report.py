@@ -19,10 +19,16 @@ def perplexity_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str) -> str:
-    """`results.json` and `results.md` in the run folder; returns the Markdown."""
-    (run_dir / "results.json").write_text(json.dumps({"validation": rows, "sample": sample}, indent=2))
-    text = f"# Results of {run_dir.name}\n\nValidation perplexity (lower is better):\n\n{perplexity_table(rows)}\n"
+def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str, module: dict) -> str:
+    """`results.json` and `results.md` in the run folder; returns the Markdown.
+
+    ``module`` names what was trained: ``{"class", "args", "objective"}``.
+    """
+    (run_dir / "results.json").write_text(json.dumps({"validation": rows, "module": module, "sample": sample},
+                                                     indent=2))
+    args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
+    text = (f"# Results of {run_dir.name}\n\nTrained with `{module['class']}({args})`: {module['objective']}.\n\n"
+            f"Validation perplexity (lower is better):\n\n{perplexity_table(rows)}\n")
     text += f"\nSampled from the exported model (seed 0, top-k 40, temperature 0.7):\n\n```\n{sample}\n```\n"
     (run_dir / "results.md").write_text(text)
     return text

@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import AutoConfig
 
+from fusion.config import Recipe
 from fusion.data.sampling import ConsumedBatches
 from fusion.errors import FusionError
-from fusion.recipe import Recipe
 
 # Lightning advertises its cloud logger on every Trainer; one line of noise per stage.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())

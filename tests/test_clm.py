@@ -103,7 +103,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage baseline: already done" in resumed.stdout
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
-    train = json.loads((out / "stages" / "train.json").read_text())
+    train = json.loads((out / "stages" / "train.json").read_text())["result"]
     assert train["global_step"] == 40
     steps = read_metrics(out / "metrics.jsonl")["train/loss"]
     assert sorted(steps) == list(range(40))  # the step count went on from 10 to 40
@@ -126,7 +126,7 @@ def test_precisions_8bit_adamw_and_checkpointing_train_and_export(tmp_path, zoo_
     result = run_fit("--recipe", "clm.yaml", *overrides, *options)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == dtype
-    after = json.loads((out / "stages" / "evaluate.json").read_text())["validation"]["after"]
+    after = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]["after"]
     assert 1 < after["val/perplexity"] < 1000
 
 

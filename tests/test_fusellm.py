@@ -36,7 +36,7 @@ def test_fusellm_runs_every_stage_and_reports(fusellm_run):
     out, _, result = fusellm_run
     for stage in ("representations", "alignment", "baseline", "train", "export", "evaluate"):
         assert (out / "stages" / f"{stage}.json").exists(), stage
-    alignment = json.loads((out / "stages" / "alignment.json").read_text())["teachers"]
+    alignment = json.loads((out / "stages" / "alignment.json").read_text())["result"]["teachers"]
     assert alignment["target"]["fallback_rate"] == 0  # the target aligned with itself: the identity
     assert 0 < alignment["gpt2-code"]["fallback_rate"] < 1 and 0 < alignment["neox-prose"]["fallback_rate"] < 1
     assert "falls back to the gold token" in result.stdout

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fusion.config import FusionConfig, OptimConfig
 from fusion.modules.base import CausalLMModule
 from fusion.modules.fusellm import FuseLLMModule
 from fusion.modules.losses import IGNORE_INDEX, fuse_teachers, sparse_distillation, teacher_probs
 from fusion.modules.reverse_kl import ReverseKLFuseLLM
-from fusion.recipe import FusionConfig, OptimConfig
 
 V = 41
 

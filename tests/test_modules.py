@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fusion.config import OptimConfig
 from fusion.modules.losses import IGNORE_INDEX, next_token_nll
 from fusion.modules.metrics import TokenPerplexity
 from fusion.modules.optim import build_optimizer, lr_factor
-from fusion.recipe import OptimConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fusion.config import to_dict
 from fusion.errors import FusionError
-from fusion.recipe import RECIPES_DIR, load_recipe, to_dict
+from fusion.recipe import RECIPES_DIR, load_recipe
 
 SHIPPED = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
 

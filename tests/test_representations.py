@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from fusion.config import Recipe
 from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.prepare import open_teacher_store, prepare_chunks
 from fusion.data.representations import ShardWriter, extract, shard_bytes_per_token
 from fusion.data.text import load_tokenizer
 from fusion.errors import FusionError
-from fusion.recipe import Recipe, build
+from fusion.schema import build
 from fusion.trainer import build_predict_trainer
 from fusion.zoo import resolve_model
 

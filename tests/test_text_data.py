@@ -5,9 +5,9 @@ import json
 import datasets
 import pytest
 
+from fusion.config import DataConfig
 from fusion.data.text import TextDataModule, document_splits, load_tokenizer, pack
 from fusion.errors import FusionError
-from fusion.recipe import DataConfig
 from fusion.zoo import resolve_model
 
 DOCS = [f"Document number {i} talks about {'parsing' if i % 2 else 'sockets'} at some length." * 3

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion.config import Recipe, TeacherConfig
 from fusion.data.align_shards import align_teacher, alignment_folder
 from fusion.data.alignment import TokenTable
 from fusion.data.chunks import CHUNKING_VERSION, build_chunk_set, load_chunk_set
@@ -36,7 +37,6 @@ from fusion.data.representations import (
 from fusion.data.store import TeacherStore
 from fusion.data.text import document_splits, load_tokenizer, tokenizer_fingerprint
 from fusion.data.vocab import build_vocab_map
-from fusion.recipe import Recipe, TeacherConfig
 from fusion.zoo import resolve_model
 
 

@@ -29,11 +29,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fusion.config import TeacherConfig
 from fusion.data.chunks import sequence_ids
 from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
 from fusion.data.text import cache_root, load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError
-from fusion.recipe import TeacherConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -20,10 +20,10 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fusion.config import DataConfig
 from fusion.data.corpus import embedded_corpus
 from fusion.data.sampling import EpochBatchSampler, ResumableLoader
 from fusion.errors import FusionError
-from fusion.recipe import DataConfig
 
 # Bump when the packing below changes, so stale caches are not reused.
 _PACKING_VERSION = 1

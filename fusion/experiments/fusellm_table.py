@@ -74,7 +74,7 @@ def run_variant(name: str, overrides: list[str], runs: Path) -> dict:
         print(f"[table] training {name}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
             raise FusionError(f"variant {name} failed; see the output above, then re-run to resume it")
-    evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["validation"]
+    evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]
     return {"before": evaluation["before"], "after": evaluation["after"]}
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from fusion.config import OptimConfig
 from fusion.errors import FusionError
 from fusion.modules.losses import next_token_nll
 from fusion.modules.metrics import TokenPerplexity
 from fusion.modules.optim import build_optimizer
-from fusion.recipe import OptimConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +45,13 @@ class CausalLMModule(pl.LightningModule):
         self.model: nn.Module | None = None
         names = ("overall", *self.validation_names) if len(self.validation_names) > 1 else ("overall",)
         self.val_perplexity = nn.ModuleDict({name: TokenPerplexity() for name in names})
+
+    @classmethod
+    def objective(cls, **kwargs) -> str:
+        """The training objective in words, for the plan, checkpoints and results (override in subclasses)."""
+        own = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        name = "CLM (next-token cross-entropy)"
+        return name if cls is CausalLMModule else f"{cls.__name__}.training_loss({own})"
 
     def configure_model(self) -> None:
         if self.model is not None:

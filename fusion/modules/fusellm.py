@@ -21,9 +21,11 @@ import dataclasses
 
 import torch
 
+from fusion.config import FusionConfig
 from fusion.modules.base import CausalLMModule
 from fusion.modules.losses import fuse_teachers, sparse_distillation, teacher_probs
-from fusion.recipe import FusionConfig
+
+_FUNCTION_NAMES = {"mince": "MinCE", "avgce": "AvgCE"}
 
 
 class FuseLLMModule(CausalLMModule):
@@ -35,6 +37,15 @@ class FuseLLMModule(CausalLMModule):
         self.fusion_config = fusion or FusionConfig()
         self.hparams["fusion"] = dataclasses.asdict(self.fusion_config)
         self.teacher_labels = tuple(teacher_labels)
+
+    @classmethod
+    def objective(cls, fusion: FusionConfig | None = None, teacher_labels: tuple[str, ...] = (), **kwargs) -> str:
+        f = fusion or FusionConfig()
+        own = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        loss = f.loss.upper() if cls.distillation is FuseLLMModule.distillation else f"{cls.__name__}.distillation"
+        fused = f"{_FUNCTION_NAMES[f.function]}-fused teachers at {f.level} level"
+        schedule = ", lambda growing linearly to 1" if f.clm_weight_schedule == "linear" else ""
+        return f"{f.clm_weight:g} x CLM + {1 - f.clm_weight:g} x {loss}({fused}{', ' + own if own else ''}){schedule}"
 
     def clm_weight(self) -> float:
         """λ now: constant, or growing linearly from ``clm_weight`` to 1 over the run."""

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
+from fusion.config import OptimConfig
 from fusion.errors import FusionError
-from fusion.recipe import OptimConfig
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:

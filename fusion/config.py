@@ -1,0 +1,265 @@
+"""The recipe's schema: one dataclass per section, each field typed and documented.
+
+This module is a leaf: it imports nothing of the package, so every layer (data, modules, stages,
+methods) can read its settings from here without an import cycle. Loading a YAML file into these
+classes, with its checks, is `fusion.recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ZooConfig:
+    """Where the embedded tiny models come from (`zoo:NAME` model paths)."""
+
+    size: Literal["full", "small"] = "full"
+    """`full` for the embedded defaults (built in a few minutes), `small` for tests (seconds)."""
+    dir: str | None = None
+    """Cache folder; default `$FUSION_ZOO_DIR` or `~/.cache/fusion/zoo`."""
+
+
+@dataclass
+class ModelConfig:
+    """The model being trained (the target)."""
+
+    path: str = "zoo:target"
+    """A Hugging Face hub id, a local HF folder, or `zoo:NAME` for the embedded tiny zoo."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype when loading; `auto` means bfloat16 under `bf16-true` precision, else float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (HF `gradient_checkpointing_enable`, non-reentrant)."""
+    attn_implementation: str | None = None
+    """Passed to `from_pretrained`, e.g. `sdpa` or `flash_attention_2`; None lets transformers choose."""
+    trust_remote_code: bool = False
+    """Needed by models with code on the hub, e.g. MPT-7B."""
+
+
+@dataclass
+class DataConfig:
+    """The text the target trains on."""
+
+    source: str = "embedded"
+    """`embedded` (the stdlib corpus), a hub dataset id, a `save_to_disk` folder, or .txt/.jsonl/.parquet files."""
+    subset: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    domains: list[str] = field(default_factory=lambda: ["code", "prose"])
+    """Embedded corpus only: which domains to use; each gets its own validation perplexity."""
+    text_field: str = "text"
+    """Column that holds the text."""
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    """Used if the dataset has it; otherwise `validation_fraction` of the train documents is held out."""
+    validation_fraction: float = 0.05
+    block_size: int = 256
+    """Tokens per training example; documents are packed, each ended by EOS."""
+    max_validation_blocks: int | None = None
+    """Cap on validation blocks per validation set, to keep evaluation cheap."""
+    cache_dir: str | None = None
+    """Where tokenized blocks are cached; default `$FUSION_CACHE/data` or `~/.cache/fusion/data`."""
+    preprocessing_workers: int = 1
+    """Processes for tokenization (`datasets.map(num_proc=...)`)."""
+    num_workers: int = 0
+    """DataLoader worker processes per device."""
+
+
+@dataclass
+class TeacherConfig:
+    """A model whose next-token distributions the target learns from (a FuseLLM "source")."""
+
+    path: str
+    """A Hugging Face hub id, a local HF folder, or `zoo:NAME`. The target itself may be one (FuseLLM includes it)."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `path`."""
+    name: str | None = None
+    """Label in tables and logs; default: the last part of `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for extraction; `auto` = bfloat16 on GPUs, float32 on CPUs."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """bitsandbytes loading: `8bit` (LLM.int8) or `4bit` (NF4, bf16 compute) to fit big teachers on small GPUs."""
+    trust_remote_code: bool = False
+    """Needed by models with code on the hub, e.g. MPT-7B."""
+    attn_implementation: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+@dataclass
+class RepresentationsConfig:
+    """How the teachers' top-k distributions are computed and stored (`fusion.data.store`)."""
+
+    top_k: int = 10
+    """Candidates kept per position (the paper: 10)."""
+    batch_size: int = 8
+    """Chunks per forward pass per device."""
+    chunks_per_shard: int = 256
+    """Chunks per shard file: the unit of resumption (a killed extraction loses at most one shard per device)."""
+    dir: str | None = None
+    """Where shards are kept, shared by all runs; default `$FUSION_CACHE/representations` or `~/.cache/fusion/...`."""
+    max_chunks: int | None = None
+    """Use only the first N training chunks (a slice of a big corpus); None = all."""
+
+
+@dataclass
+class FusionConfig:
+    """FuseLLM's objective: loss = clm_weight * CLM + (1 - clm_weight) * distillation on the fused teachers."""
+
+    alignment: Literal["mined", "exact", "offsets"] = "mined"
+    """Token alignment (`fusion.data.alignment`): the paper's MinED DTW, exact-match DTW (the paper's EM
+    ablation), or byte offsets."""
+    function: Literal["mince", "avgce"] = "mince"
+    """MinCE: the distribution of the teacher with the lowest cross-entropy; AvgCE: teachers weighted by
+    softmax(-CE)."""
+    level: Literal["sequence", "token"] = "sequence"
+    """Where the CE that picks or weighs teachers is measured: per chunk (the paper) or per token."""
+    ce_unit: Literal["own_token", "target_token"] = "own_token"
+    """Sequence level: a teacher's chunk CE per token of its own tokenizer (the paper), or its summed CE per
+    target token, which compares teachers with finer and coarser tokenizers fairly."""
+    clm_weight: float = 0.9
+    """The paper's lambda."""
+    clm_weight_schedule: Literal["constant", "linear"] = "constant"
+    """`linear`: lambda grows from `clm_weight` to 1 over training (the distillation weight decays to 0)."""
+    loss: Literal["ce", "kl"] = "ce"
+    """Distillation loss against the fused distribution: cross-entropy (the paper) or KL divergence."""
+    temperature: float = 1.0
+    """Teacher temperature: the stored top-k log-probs are divided by it and renormalised over the k."""
+    chunk_size: int = 1024
+    """Sequence positions per chunk of the sparse loss (bounds its float32 memory)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit` is bitsandbytes' 8-bit AdamW: optimizer state in 2 bytes/param instead of 8."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    """Not applied to biases and norm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    """Fraction of all optimizer steps spent warming up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """The schedule ends at `lr * min_lr_ratio`."""
+
+
+@dataclass
+class FSDPConfig:
+    """Settings of `trainer.strategy: fsdp`."""
+
+    wrap: list[str] = field(default_factory=list)
+    """Module class names that become FSDP units, e.g. `LlamaDecoderLayer`; empty = the model's `_no_split_modules`."""
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    activation_checkpointing: bool = False
+    """Checkpoint the wrapped layers (use this, not `model.gradient_checkpointing`, under FSDP)."""
+    cpu_offload: bool = False
+    state_dict_type: Literal["full", "sharded"] = "full"
+    """`full` gathers checkpoints on rank 0 (needed for HF export); `sharded` saves faster for huge models."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Settings of `trainer.strategy: deepspeed` (needs `pip install deepspeed`)."""
+
+    stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    batch_size: int = 8
+    """Sequences per device per micro-batch.
+
+    Global batch = batch_size * devices * num_nodes * accumulate_grad_batches."""
+    accumulate_grad_batches: int = 1
+    max_epochs: int = 1
+    max_steps: int = -1
+    """Optimizer steps; -1 means `max_epochs` decides."""
+    gradient_clip_val: float | None = 1.0
+    val_every_n_steps: int | None = None
+    """Validate every N optimizer steps; None = at the end of each epoch only."""
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 500
+    """Resumable checkpoints (`checkpoints/last.ckpt`) are written this often."""
+    process_group_backend: str | None = None
+    """`gloo` to run DDP on CPUs; None lets Lightning choose (nccl on GPUs)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto`: online when W&B credentials exist (WANDB_API_KEY or `wandb login`), else offline."""
+    project: str = "fusion"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """A whole run: what to train, on what, how, and where the results go."""
+
+    name: str
+    method: str = "clm"
+    """A method of the registry (`fusion.methods`): `clm`, continual causal-LM training of the target (the
+    baseline every fusion run is compared with); `fusellm`, FuseLLM, training on the fused distributions of
+    `teachers` (chunks -> representations -> alignment)."""
+    output_dir: str | None = None
+    """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
+    seed: int = 42
+    module_class: str | None = None
+    """Dotted path of a subclass of the method's module to train with, e.g. `fusion.modules.skew_kl.SkewKLFuseLLM`;
+    default: the method's own module."""
+    module_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the module class's constructor (e.g. `{alpha: 0.1}`), checked against its signature."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """Source models for fusion methods, any number, any tokenizers."""
+    representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    source_file: str | None = None
+    """Set by the loader: the YAML file this recipe came from."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain YAML-able data (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(recipe))

@@ -1,0 +1,55 @@
+"""`fusellm`: FuseLLM, continual training of the target on the fused, aligned top-k distributions of its teachers.
+
+    representations -> alignment -> baseline -> train -> export -> evaluate
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusion.config import Recipe
+from fusion.data.fused import FusionDataModule
+from fusion.data.prepare import align_teachers
+from fusion.data.text import load_tokenizer
+from fusion.errors import FusionError
+from fusion.methods.base import Method
+from fusion.methods.clm import text_datamodule
+from fusion.modules.fusellm import FuseLLMModule
+from fusion.stages.teachers import Alignment, Representations
+from fusion.stages.training import Baseline, Evaluate, Export, Train
+
+
+class FuseLLM(Method):
+    name = "fusellm"
+    summary = "FuseLLM: the target learns from its tokens and the fused top-k distributions of its teachers"
+    stages = (Representations(), Alignment(), Baseline(), Train(needs=("alignment",)), Export(), Evaluate())
+    module = FuseLLMModule
+
+    def check(self, recipe: Recipe) -> None:
+        if not recipe.teachers:
+            raise FusionError("recipe key 'teachers': method 'fusellm' needs at least one teacher, "
+                              "e.g. teachers: [{path: zoo:gpt2-code}]")
+
+    def plan(self, recipe: Recipe) -> list[str]:
+        f, rep = recipe.fusion, recipe.representations
+        teachers = ", ".join(f"{t.label} ({t.path}" + (f", {t.quantization}" if t.quantization != "none" else "") + ")"
+                             for t in recipe.teachers)
+        chunks = "all chunks" if rep.max_chunks is None else f"first {rep.max_chunks} chunks"
+        return [f"teachers  {teachers}",
+                f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, {chunks}, batch {rep.batch_size}",
+                f"fusion    {f.function} at {f.level} level, {f.alignment} alignment, lambda {f.clm_weight:g} "
+                f"({f.clm_weight_schedule}), temperature {f.temperature:g}"]
+
+    def datamodule(self, ctx) -> FusionDataModule:
+        r = ctx.recipe
+        reps = ctx.record("representations")
+        teachers, rates = ctx.artifacts.get("aligned_teachers") or align_teachers(
+            r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
+        bad = {c for rate in rates.values() for c in rate["bad_chunks"]}
+        tokenizer = load_tokenizer(ctx.tokenizer_path, r.model.trust_remote_code)
+        return FusionDataModule(Path(reps["chunks"]), teachers, reps["used_chunks"], bad, text_datamodule(ctx),
+                                r.trainer.batch_size, r.seed, keep_exact_only=r.fusion.alignment == "exact",
+                                pad_id=tokenizer.pad_token_id, num_workers=r.data.num_workers)
+
+    def module_kwargs(self, recipe: Recipe) -> dict:
+        return {"fusion": recipe.fusion, "teacher_labels": tuple(t.label for t in recipe.teachers)}

@@ -1,0 +1,33 @@
+"""The method registry: what `method: NAME` in a recipe means.
+
+A method is a list of stages (`fusion.stages`), the data module its training reads, and the
+LightningModule that implements its objective; a recipe may name a subclass of that module
+(``module_class``) with constructor arguments (``module_args``). Adding a method is one file here
+with a `Method` subclass, registered with `register` (or listed in `METHODS` for shipped ones):
+
+    clm       baseline -> train -> export -> evaluate
+    fusellm   representations -> alignment -> baseline -> train -> export -> evaluate
+"""
+
+from __future__ import annotations
+
+from fusion.errors import FusionError
+from fusion.methods.base import Method
+from fusion.methods.clm import CLM
+from fusion.methods.fusellm import FuseLLM
+
+METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM())}
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` available to recipes as ``method: NAME`` (a method of the same name is replaced)."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise FusionError(f"recipe key 'method': unknown method {name!r}; use one of: {', '.join(METHODS)}") from None
+

@@ -1,0 +1,123 @@
+"""The stages every causal-LM method ends with: baseline → train → export → evaluate.
+
+    baseline   validation perplexity of the model before training
+    train      Lightning fit; resumes from checkpoints/last.ckpt; ends with checkpoints/final.ckpt
+    export     final.ckpt → model/ (Hugging Face folder: config, safetensors, tokenizer)
+    evaluate   reload model/ with from_pretrained, validation perplexity, a generated sample,
+               results.json / results.md / curves.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from fusion.data.text import load_tokenizer
+from fusion.errors import FusionError
+from fusion.export import export_checkpoint
+from fusion.report import plot_curves, write_results
+from fusion.stages.base import Stage
+from fusion.trainer import build_trainer
+
+# What a validation pass depends on: the model, the data, how it is run, and the module's code.
+EVALUATION = ("model", "data", "trainer.accelerator", "trainer.precision", "trainer.batch_size", "seed", "zoo.size",
+              "module_class", "module_args")
+# What training depends on: everything but where results go and how they are logged.
+TRAINING = ("model", "data", "teachers", "representations", "fusion", "optim", "trainer", "fsdp", "deepspeed", "seed",
+            "module_class", "module_args", "zoo.size")
+
+
+def validate(ctx, model_path: str, prefix: str, step: int) -> dict:
+    """Validation perplexity of the HF model at ``model_path``, logged as ``PREFIX/val/...`` at ``step``."""
+    trainer = build_trainer(ctx.recipe, ctx.dir, loggers=[], training=False)
+    trainer.validate(ctx.new_module(model_path), datamodule=ctx.datamodule, verbose=False)
+    ctx.trainer = trainer
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    for logger in ctx.loggers():
+        logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+    return metrics
+
+
+class Baseline(Stage):
+    name = "baseline"
+    config = EVALUATION
+    summary = "validation perplexity of the model before training"
+
+    def run(self, ctx) -> dict:
+        return validate(ctx, ctx.model_path, "baseline", step=0)
+
+
+class Train(Stage):
+    name = "train"
+    config = TRAINING
+    summary = "Lightning fit, resumable from checkpoints/last.ckpt; ends with checkpoints/final.ckpt"
+
+    def run(self, ctx) -> dict:
+        trainer = build_trainer(ctx.recipe, ctx.dir, ctx.loggers(), callbacks=ctx.extra_callbacks)
+        ctx.trainer = trainer
+        last = ctx.dir / "checkpoints" / "last.ckpt"
+        trainer.fit(ctx.new_module(ctx.model_path), datamodule=ctx.datamodule,
+                    ckpt_path=str(last) if last.exists() else None)
+        if trainer.interrupted:
+            raise FusionError(f"training was interrupted at step {trainer.global_step}; "
+                              f"run the same command again to resume from {last}")
+        final = ctx.dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final, weights_only=True)
+        return {"global_step": trainer.global_step, "checkpoint": str(final)}
+
+
+class Export(Stage):
+    name = "export"
+    needs = ("train",)
+    config = ("model",)
+    summary = "final.ckpt -> model/, a Hugging Face folder (from_pretrained)"
+
+    def run(self, ctx) -> dict:
+        out = ctx.dir / "model"
+        if ctx.is_global_zero:
+            export_checkpoint(Path(ctx.record("train")["checkpoint"]), ctx.model_path, ctx.tokenizer_path, out,
+                              trust_remote_code=ctx.recipe.model.trust_remote_code)
+        if ctx.trainer is not None:
+            ctx.trainer.strategy.barrier("export")
+        return {"path": str(out)}
+
+
+class Evaluate(Stage):
+    name = "evaluate"
+    needs = ("baseline", "train", "export")
+    config = EVALUATION
+    summary = "reload model/, validation perplexity before/after, a sample; results.md, curves.png"
+
+    def run(self, ctx) -> dict:
+        before, exported = ctx.record("baseline"), ctx.record("export")["path"]
+        after = validate(ctx, exported, "final", step=ctx.record("train")["global_step"])
+        result = {"validation": {"before": before, "after": after}, "module": ctx.module_description()}
+        if ctx.is_global_zero:
+            result["sample"] = generate_sample(exported)
+            rows = {f"{ctx.recipe.model.path} (before)": before, f"{ctx.recipe.name} (after, exported)": after}
+            print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"]))
+            plot_curves(ctx.dir / "metrics.jsonl", ctx.dir / "curves.png")
+        return result
+
+
+def generate_sample(model_path: str, prompts: tuple[str, ...] = ("def", "The"), max_new_tokens: int = 40) -> str:
+    """Sampled continuations of `prompts` by the HF model at `model_path`, reloaded from disk.
+
+    Seeded top-k sampling, not greedy: greedy decoding of small models collapses into one
+    repeated token (the zoo's target repeats an indentation token). The prompts end without a
+    space: a trailing space marker alone is a rare token that leads small models astray.
+    """
+    tokenizer = load_tokenizer(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.7,
+                                 pad_token_id=tokenizer.pad_token_id)
+        samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    return "\n---\n".join(samples)

@@ -31,9 +31,9 @@ def _rss_kb() -> int:
 def _measure(variant: str) -> dict:
     import torch
 
+    from fusion.config import FusionConfig, OptimConfig
     from fusion.modules.base import CausalLMModule
     from fusion.modules.fusellm import FuseLLMModule
-    from fusion.recipe import FusionConfig, OptimConfig
     from fusion.zoo import resolve_model
 
     torch.manual_seed(0)

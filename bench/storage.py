@@ -38,10 +38,11 @@ from pathlib import Path
 import datasets
 import torch
 
+from fusion.config import Recipe
 from fusion.data.prepare import open_teacher_store, prepare_chunks
 from fusion.data.representations import ShardWriter, extract, shard_bytes_per_token
 from fusion.data.text import load_tokenizer
-from fusion.recipe import Recipe, build
+from fusion.schema import build
 from fusion.trainer import build_predict_trainer
 from fusion.zoo import resolve_model
 

@@ -39,6 +39,11 @@ class ModelConfig:
     """Passed to `from_pretrained`, e.g. `sdpa` or `flash_attention_2`; None lets transformers choose."""
     trust_remote_code: bool = False
     """Needed by models with code on the hub, e.g. MPT-7B."""
+    fused_head: bool = True
+    """Compute the LM head inside the chunked loss (`fusion.modules.losses.vocab_loss`), so the `[B, T, V]` logits
+    never exist whole; heads it cannot compute (logit soft-capping or scaling) fall back to the model's logits."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the loss: its transient memory is about chunk x vocabulary x 6 bytes (0.9 GB at 152k)."""
 
 
 @dataclass
@@ -131,8 +136,6 @@ class FusionConfig:
     """Distillation loss against the fused distribution: cross-entropy (the paper) or KL divergence."""
     temperature: float = 1.0
     """Teacher temperature: the stored top-k log-probs are divided by it and renormalised over the k."""
-    chunk_size: int = 1024
-    """Sequence positions per chunk of the sparse loss (bounds its float32 memory)."""
 
 
 @dataclass

@@ -115,6 +115,7 @@ def check(recipe: Recipe) -> None:
                             ("trainer.log_every_n_steps", t.log_every_n_steps, 1),
                             ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1),
                             ("data.preprocessing_workers", d.preprocessing_workers, 1),
+                            ("model.loss_chunk_size", recipe.model.loss_chunk_size, 1),
                             ("data.num_workers", d.num_workers, 0)):
         if value < low:
             _fail(key, f"must be at least {low}, got {value}")
@@ -165,8 +166,6 @@ def _check_teachers(recipe: Recipe) -> None:
         _fail("fusion.clm_weight", f"must be in [0, 1], got {f.clm_weight}")
     if f.temperature <= 0:
         _fail("fusion.temperature", f"must be positive, got {f.temperature}")
-    if f.chunk_size < 1:
-        _fail("fusion.chunk_size", f"must be at least 1, got {f.chunk_size}")
     rep = recipe.representations
     for key, value in (("top_k", rep.top_k), ("batch_size", rep.batch_size),
                        ("chunks_per_shard", rep.chunks_per_shard), ("max_chunks", rep.max_chunks or 1)):

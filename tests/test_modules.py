@@ -1,4 +1,4 @@
-"""The math under CausalLMModule: next-token NLL, perplexity, learning-rate schedule, optimizer groups."""
+"""The math under CausalLMModule: perplexity, learning-rate schedule, optimizer groups (losses: test_fusion_losses)."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fusion.config import OptimConfig
-from fusion.modules.losses import IGNORE_INDEX, next_token_nll
 from fusion.modules.metrics import TokenPerplexity
 from fusion.modules.optim import build_optimizer, lr_factor
 
@@ -18,27 +17,6 @@ def tiny_llama():
     config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config)
-
-
-def test_next_token_nll_matches_the_hf_loss(tiny_llama):
-    ids = torch.randint(0, 97, (3, 20))
-    labels = ids.clone()
-    labels[0, :5] = IGNORE_INDEX  # e.g. a prompt that is not trained on
-    out = tiny_llama(input_ids=ids, labels=labels)
-    nll, mask = next_token_nll(out.logits, labels)
-    assert nll.shape == mask.shape == (3, 19)
-    assert mask.sum() == 3 * 19 - 4  # label 0 is never predicted; labels 1..4 of row 0 are masked
-    torch.testing.assert_close(nll.sum() / mask.sum(), out.loss, rtol=1e-5, atol=1e-6)
-    assert (nll[~mask] == 0).all()
-
-
-def test_next_token_nll_of_bf16_logits_is_computed_in_float32():
-    logits = torch.randn(2, 8, 50).bfloat16()
-    labels = torch.randint(0, 50, (2, 8))
-    nll, _ = next_token_nll(logits, labels)
-    assert nll.dtype == torch.float32
-    reference = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(nll.mean(), reference)
 
 
 def test_token_perplexity_weights_batches_by_tokens():

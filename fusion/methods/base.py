@@ -95,10 +95,13 @@ class Method:
         """The module that trains (or evaluates) the HF model at ``model_path``."""
         r = ctx.recipe
         cls, args = self.module_class(r), self.module_args(r)
+        # ZeRO-3 partitions the head's weight outside its own forward: the loss must read the model's logits.
+        zero3 = r.trainer.strategy == "deepspeed" and r.deepspeed.stage == 3
         module = cls(model_path=model_path, optim=r.optim, dtype=model_dtype(r),
                      gradient_checkpointing=r.model.gradient_checkpointing,
                      attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
-                     validation_names=validation_names, **self.module_kwargs(r), **args)
+                     validation_names=validation_names, fused_head=r.model.fused_head and not zero3,
+                     loss_chunk_size=r.model.loss_chunk_size, **self.module_kwargs(r), **args)
         # Checkpoints say what was trained: the class, its own arguments and its objective.
         module.hparams["module"] = self.describe_module(r)
         return module

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from fusion.config import OptimConfig
 from fusion.errors import FusionError
-from fusion.modules.losses import next_token_nll
+from fusion.modules.losses import IGNORE_INDEX, LossParts, next_token_targets, vocab_loss
 from fusion.modules.metrics import TokenPerplexity
 from fusion.modules.optim import build_optimizer
 
@@ -24,6 +25,9 @@ class CausalLMModule(pl.LightningModule):
 
     Features:
         - the model is loaded in `configure_model`, so FSDP and DeepSpeed can shard it as it loads;
+        - the loss is computed from the final hidden states in chunks of ``loss_chunk_size`` tokens
+          (`fusion.modules.losses.vocab_loss`): the ``[B, T, V]`` logits never exist whole, in training
+          or validation; heads it cannot compute itself (logit soft-capping or scaling) use the logits;
         - AdamW or bitsandbytes AdamW8bit, warmup + cosine/linear/constant schedule, stepped per
           optimizer step; clipping, accumulation and precision come from the Trainer;
         - optional non-reentrant gradient checkpointing;
@@ -35,7 +39,8 @@ class CausalLMModule(pl.LightningModule):
 
     def __init__(self, model_path: str, optim: OptimConfig, dtype: str = "float32",
                  gradient_checkpointing: bool = False, attn_implementation: str | None = None,
-                 trust_remote_code: bool = False, validation_names: tuple[str, ...] = ("all",)) -> None:
+                 trust_remote_code: bool = False, validation_names: tuple[str, ...] = ("all",),
+                 fused_head: bool = True, loss_chunk_size: int = 1024) -> None:
         super().__init__()
         # Plain types only in checkpoints, so that they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optim"], logger=False)
@@ -72,16 +77,33 @@ class CausalLMModule(pl.LightningModule):
         """Logits `[B, T, V]` (V = the model's embedding rows, which may exceed the tokenizer's size)."""
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
 
-    def clm_loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(mean next-token NLL, summed NLL)` of the batch's labels (its `input_ids` if it has none)."""
-        nll, mask = next_token_nll(logits, batch.get("labels", batch["input_ids"]))
-        total = nll.sum()
-        return total / mask.sum().clamp(min=1), total
+    def vocab_loss(self, batch: dict, clm_weight: float = 1.0, distill_weight: float = 0.0,
+                   ids: torch.Tensor | None = None, probs: torch.Tensor | None = None,
+                   distillation: str | Callable = "ce") -> LossParts:
+        """``clm_weight · mean NLL + distill_weight · mean D(teacher ‖ model)`` over the batch's target tokens.
+
+        ``ids / probs`` ``[B, T, K]``: the teacher's candidates for the token after each position;
+        ``distillation``: ``ce``, ``kl`` or a per-position function (see `vocab_loss`). The targets are
+        the batch's ``labels`` (its ``input_ids`` if it has none), shifted by one.
+        """
+        targets = next_token_targets(batch.get("labels", batch["input_ids"])).reshape(-1)
+        tokens = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        head = lm_head(self.model) if self.hparams.fused_head else None
+        if head is None:
+            hidden, weight, bias = self(batch), None, None
+        else:
+            hidden = self.model.base_model(input_ids=batch["input_ids"],
+                                           attention_mask=batch.get("attention_mask")).last_hidden_state
+            weight, bias = head.weight, head.bias
+        if ids is not None:
+            ids, probs = ids.reshape(targets.numel(), -1), probs.reshape(targets.numel(), -1)
+        return vocab_loss(hidden.reshape(targets.numel(), -1), weight, targets, bias=bias,
+                          clm_weight=clm_weight / tokens, distill_weight=distill_weight / tokens, ids=ids,
+                          probs=probs, distillation=distillation, chunk_size=self.hparams.loss_chunk_size)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         """The objective; subclasses add their terms here. Logs under `train/`."""
-        loss, _ = self.clm_loss(self(batch), batch)
-        return loss
+        return self.vocab_loss(batch).loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
@@ -93,11 +115,10 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        nll, mask = next_token_nll(self(batch), batch.get("labels", batch["input_ids"]))
-        tokens = mask.sum()
-        self.val_perplexity["overall"].update(nll.sum(), tokens)
+        parts = self.vocab_loss(batch)
+        self.val_perplexity["overall"].update(parts.nll_sum, parts.tokens)
         if len(self.val_perplexity) > 1:
-            self.val_perplexity[self.validation_names[dataloader_idx]].update(nll.sum(), tokens)
+            self.val_perplexity[self.validation_names[dataloader_idx]].update(parts.nll_sum, parts.tokens)
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_perplexity.items():
@@ -118,3 +139,19 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self, self.optim_config, self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# Config attributes of heads that do more than ``hidden @ weight.T + bias`` (Gemma-2 soft-capping,
+# Cohere and Granite scaling): the fused loss would compute other logits than the model, so it reads them.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def lm_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer when the fused loss can compute its logits from ``base_model``'s hidden states."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_TRANSFORMS):
+        return None
+    return head

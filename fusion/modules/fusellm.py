@@ -4,15 +4,18 @@
 
 with λ = ``fusion.clm_weight`` (the paper: 0.9), the teachers fused by MinCE or AvgCE at sequence or
 token level, and D a cross-entropy (the paper) or KL divergence over the teachers' sparse top-k
-candidates. Everything stays sparse: the student's log-probs are gathered at the candidate ids.
+candidates. Everything stays sparse and chunked: the student's log-probs are gathered at the
+candidate ids, one chunk of positions at a time (`fusion.modules.losses.vocab_loss`).
 
-To add a fusion function or a loss, subclass and override a hook, then name the class in a recipe
-(``module_class: mypackage.MyModule``):
+To add a loss or a fusion function, subclass and override a hook, then name the class in a recipe
+(``module_class: mypackage.MyModule``, its own constructor arguments in ``module_args``):
 
-- `fuse(batch)` → ``(ids, probs)``: the fused distribution, ``[B, L, K]`` each;
-- `distillation(logits, batch, ids, probs)` → ``(clm_loss, distill_loss)``, both means over tokens.
+- `distillation_loss(logits, ids, probs)` → ``[n]``: D at each position of a chunk, from float32
+  logits ``[n, V]`` and the fused candidates ``[n, K]``; the building blocks of `fusion.modules.losses`
+  (`log_z`, `candidate_logprobs`, `pooled_probs`) make it a few lines, and autograd gives its gradient;
+- `fuse(batch)` → ``(ids, probs)``: the fused distribution, ``[B, L, K]`` each.
 
-`fusion.modules.reverse_kl.ReverseKLFuseLLM` is a worked example.
+`fusion.modules.skew_kl.SkewKLFuseLLM` and `fusion.modules.reverse_kl.ReverseKLFuseLLM` are worked examples.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from fusion.config import FusionConfig
 from fusion.modules.base import CausalLMModule
-from fusion.modules.losses import fuse_teachers, sparse_distillation, teacher_probs
+from fusion.modules.losses import DISTILLATION, fuse_teachers, teacher_probs
 
 _FUNCTION_NAMES = {"mince": "MinCE", "avgce": "AvgCE"}
 
@@ -42,7 +45,8 @@ class FuseLLMModule(CausalLMModule):
     def objective(cls, fusion: FusionConfig | None = None, teacher_labels: tuple[str, ...] = (), **kwargs) -> str:
         f = fusion or FusionConfig()
         own = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        loss = f.loss.upper() if cls.distillation is FuseLLMModule.distillation else f"{cls.__name__}.distillation"
+        own_loss = cls.distillation_loss is not FuseLLMModule.distillation_loss
+        loss = f"{cls.__name__}.distillation_loss" if own_loss else f.loss.upper()
         fused = f"{_FUNCTION_NAMES[f.function]}-fused teachers at {f.level} level"
         schedule = ", lambda growing linearly to 1" if f.clm_weight_schedule == "linear" else ""
         return f"{f.clm_weight:g} x CLM + {1 - f.clm_weight:g} x {loss}({fused}{', ' + own if own else ''}){schedule}"
@@ -70,21 +74,23 @@ class FuseLLMModule(CausalLMModule):
                 self.log(f"train/teacher_weight/{label}", value)
         return ids, fused
 
-    def distillation(self, logits: torch.Tensor, batch: dict, ids: torch.Tensor,
-                     probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(clm_loss, distill_loss)``, each a mean over the label tokens (override for a new loss)."""
-        nll, distill, tokens = sparse_distillation(logits, batch["labels"], ids, probs, self.fusion_config.loss,
-                                                   self.fusion_config.chunk_size)
-        tokens = tokens.clamp(min=1)
-        return nll / tokens, distill / tokens
+    def distillation_loss(self, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """D(teacher ‖ student) per position: float32 ``logits [n, V]``, candidates ``ids / probs [n, K]`` -> ``[n]``.
+
+        The default is ``fusion.loss`` (CE or KL), whose gradient `vocab_loss` writes out by hand; an
+        override gets its gradient from autograd, chunk by chunk.
+        """
+        return DISTILLATION[self.fusion_config.loss](logits, ids, probs)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
-        logits = self(batch)
         ids, probs = self.fuse(batch)
-        clm, distill = self.distillation(logits, batch, ids, probs)
         lam = self.clm_weight()
+        custom = type(self).distillation_loss is not FuseLLMModule.distillation_loss
+        parts = self.vocab_loss(batch, clm_weight=lam, distill_weight=1 - lam, ids=ids, probs=probs,
+                                distillation=self.distillation_loss if custom else self.fusion_config.loss)
         if self._trainer is not None:
-            self.log("train/clm_loss", clm)
-            self.log("train/distill_loss", distill)
+            tokens = parts.tokens.clamp(min=1)
+            self.log("train/clm_loss", parts.nll_sum / tokens)
+            self.log("train/distill_loss", parts.distill_sum / tokens)
             self.log("train/clm_weight", lam)
-        return lam * clm + (1 - lam) * distill
+        return parts.loss

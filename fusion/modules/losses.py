@@ -1,32 +1,54 @@
-"""Loss functions: pure tensor math, tested against straightforward references."""
+"""Loss functions: pure tensor math, tested against straightforward dense references.
+
+Two layers:
+
+- **building blocks** for a loss at one position, on a chunk of float32 logits ``[n, V]`` and a sparse
+  teacher distribution ``ids / probs [n, K]``: `log_z`, `candidate_logprobs`, `pooled_probs`. A new
+  distillation loss is a few lines of them (see `fusion.modules.skew_kl`);
+- **`vocab_loss`**, the engine every module trains with: ``a · NLL + b · D(teacher ‖ student)`` summed
+  over tokens, computed chunk by chunk from the final hidden states and the LM head, so the
+  ``[tokens, V]`` logits exist only one chunk at a time. Each chunk's gradient is computed in the
+  forward pass and kept (``[tokens, hidden]`` and ``[V, hidden]``: the sizes of the activations and of
+  the head, never of the logits), so memory is bounded by ``chunk_size`` however long the batch.
+
+At V = 152k and 2 × 2,048 tokens, float32 logits alone are 2.5 GB; the cross-entropy of HF (and our
+earlier loss) keeps two such tensors alive for backward. Here a chunk of 1,024 tokens costs ~0.6 GB,
+transiently.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+# --- building blocks ---------------------------------------------------------------------------------
 
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position negative log-likelihood of the next token.
 
-    Args:
-        logits: `[B, T, V]`, any float dtype; position `t` predicts token `t + 1`.
-        labels: `[B, T]` int64 token ids, `IGNORE_INDEX` where no loss is wanted.
+def log_z(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v exp(z_v)`` per position: ``[n, V]`` float32 logits -> ``[n]``."""
+    return logits.logsumexp(dim=-1)
 
-    Returns:
-        `(nll, mask)`, both `[B, T - 1]`: float32 NLL (0 where masked) and a bool mask of the
-        positions that count. The log-softmax runs in float32, so bf16 logits lose nothing.
+
+def candidate_logprobs(logits: torch.Tensor, ids: torch.Tensor, lz: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's log-probabilities at the teacher's candidate ids: ``[n, V]``, ``[n, K]`` -> ``[n, K]``."""
+    return logits.gather(-1, ids) - (log_z(logits) if lz is None else lz).unsqueeze(-1)
+
+
+def pooled_probs(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The teacher distribution on distinct ids: ``[n, K]`` -> ``[n, K]``.
+
+    A candidate id listed several times (teachers that map two tokens to one target id, AvgCE's
+    concatenated lists) gets the sum of its probabilities at its first occurrence and 0 at the others,
+    so each id counts once and the row still sums to the teacher's total mass.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        targets.masked_fill(~mask, 0).reshape(-1),
-        reduction="none",
-    ).view_as(targets)
-    return nll * mask, mask
+    same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # [n, K, K]
+    first = same.float().argmax(-1) == torch.arange(ids.size(-1), device=ids.device)
+    return (same * probs.unsqueeze(-2)).sum(-1) * first
 
 
 def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -65,38 +87,185 @@ def fuse_teachers(ids: torch.Tensor, probs: torch.Tensor, ce: torch.Tensor,
     raise ValueError(f"unknown fusion function {function!r}: use 'mince' or 'avgce'")
 
 
-def sparse_distillation(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
-                        loss: str = "ce", chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CLM NLL and the distillation loss against a sparse teacher distribution, without ``[B, L, V]`` targets.
+def cross_entropy_to_teacher(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                             lz: torch.Tensor | None = None) -> torch.Tensor:
+    """``-Σ_j p_j log q(id_j)`` per position (duplicate ids add up): the paper's distillation loss."""
+    return -(probs * candidate_logprobs(logits, ids, lz)).sum(-1)
 
-    Position ``l`` of ``logits [B, L, V]`` predicts ``labels[:, l + 1]``; the teacher distribution for it
-    is ``ids / probs [B, L, K]`` at ``l`` (duplicate ids add up). Both losses share one log-sum-exp per
-    position, computed in float32 over chunks of ``chunk_size`` positions.
 
-    Returns ``(nll_sum, distill_sum, tokens)``: summed over the positions whose label is not
-    ``IGNORE_INDEX``. ``loss="ce"``: ``-sum_j p_j log q(id_j)``; ``"kl"``: that minus the teacher's entropy.
+def kl_to_teacher(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                  lz: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(p ‖ q) = Σ_u p(u) (log p(u) − log q(u))`` over the teacher's distinct ids, per position."""
+    p = pooled_probs(ids, probs)
+    entropy = torch.where(p > 0, p * p.clamp(min=1e-30).log(), 0).sum(-1)
+    return entropy - (p * candidate_logprobs(logits, ids, lz)).sum(-1)
+
+
+DISTILLATION = {"ce": cross_entropy_to_teacher, "kl": kl_to_teacher}
+
+# --- the chunked engine -----------------------------------------------------------------------------
+
+
+class LossParts(NamedTuple):
+    """What `vocab_loss` returns: the loss to backpropagate and its parts, summed over tokens."""
+
+    loss: torch.Tensor  # a · Σ nll + b · Σ distill: differentiable, float32
+    nll_sum: torch.Tensor  # Σ next-token NLL (no gradient)
+    distill_sum: torch.Tensor  # Σ distillation loss (no gradient; 0 without a teacher)
+    tokens: torch.Tensor  # positions with a target
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` labels -> ``[B, T]`` targets: position ``t`` predicts ``labels[:, t + 1]``; the last
+    position has none (``IGNORE_INDEX``). Shifting the labels, not the hidden states, avoids a copy."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def vocab_loss(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor, *,
+               bias: torch.Tensor | None = None, clm_weight: torch.Tensor | float = 1.0,
+               ids: torch.Tensor | None = None, probs: torch.Tensor | None = None,
+               distill_weight: torch.Tensor | float = 0.0, distillation: str | Callable = "ce",
+               chunk_size: int = 1024) -> LossParts:
+    """``clm_weight · Σ NLL + distill_weight · Σ D`` over the tokens with a target, chunk by chunk.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states (any float dtype; autocast applies to the head), or
+            ``[N, V]`` logits when ``weight`` is None (for heads this engine cannot compute itself).
+        weight, bias: the LM head, ``[V, H]`` and ``[V]``; logits = hidden @ weight.T + bias.
+        targets: ``[N]`` int64 next-token ids, ``IGNORE_INDEX`` where no loss is wanted.
+        clm_weight, distill_weight: per-token weights of the two sums (e.g. λ / tokens); scalars or
+            0-dim tensors (no host sync).
+        ids, probs: ``[N, K]`` the teacher's candidate ids (in the student's vocabulary) and their
+            probabilities, for the distillation term; None for the CLM loss alone.
+        distillation: ``"ce"`` or ``"kl"`` (gradients written out by hand: the fast path), or a
+            function ``(logits [n, V] float32, ids [n, K], probs [n, K]) -> [n]`` made of the building
+            blocks above (its gradient comes from autograd, inside each chunk).
+        chunk_size: tokens per chunk: the logits exist ``chunk_size`` rows at a time (float32, plus
+            one copy in the head's dtype).
+
+    Returns:
+        `LossParts`. Backward works once (the gradient was computed in the forward pass and is
+        handed over, not recomputed), as with any loss that is backpropagated once per step.
     """
-    nll_sum = logits.new_zeros((), dtype=torch.float32)
-    distill_sum = logits.new_zeros((), dtype=torch.float32)
-    tokens = labels.new_zeros(())
-    positions = logits.size(1) - 1
-    for start in range(0, positions, chunk_size):
-        end = min(start + chunk_size, positions)
-        lg = logits[:, start:end].float()
-        gold = labels[:, start + 1:end + 1]
-        mask = gold != IGNORE_INDEX
-        lse = lg.logsumexp(dim=-1)
-        nll = lse - lg.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        p = probs[:, start:end].float()
-        logq = lg.gather(-1, ids[:, start:end]) - lse.unsqueeze(-1)
-        distill = -(p * logq).sum(-1)
-        if loss == "kl":
-            i = ids[:, start:end]
-            merged = ((i.unsqueeze(-1) == i.unsqueeze(-2)) * p.unsqueeze(-2)).sum(-1)  # mass of each entry's id
-            distill = distill + torch.where(p > 0, p * merged.clamp(min=1e-30).log(), 0).sum(-1)
-        elif loss != "ce":
-            raise ValueError(f"unknown distillation loss {loss!r}: use 'ce' or 'kl'")
-        nll_sum = nll_sum + (nll * mask).sum()
-        distill_sum = distill_sum + (distill * mask).sum()
-        tokens = tokens + mask.sum()
-    return nll_sum, distill_sum, tokens
+    mask = targets != IGNORE_INDEX
+    if ids is None:  # no teacher: empty candidate lists
+        ids = torch.zeros((targets.numel(), 0), dtype=torch.long, device=hidden.device)
+        probs = torch.zeros((targets.numel(), 0), dtype=torch.float32, device=hidden.device)
+        distill_weight = 0.0
+    weights = torch.stack([torch.as_tensor(clm_weight, dtype=torch.float32, device=hidden.device),
+                           torch.as_tensor(distill_weight, dtype=torch.float32, device=hidden.device)])
+    loss, nll_sum, distill_sum = _ChunkedVocabLoss.apply(hidden, weight, bias, targets, ids, probs.float(), weights,
+                                                         distillation, chunk_size)
+    return LossParts(loss, nll_sum, distill_sum, mask.sum())
+
+
+class _ChunkedVocabLoss(torch.autograd.Function):
+    """`vocab_loss` as one autograd node: forward computes the loss and its gradients chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ids, probs, weights, distillation, chunk_size):
+        want = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if want[0] else None
+        # The head's gradient is summed over chunks in float32, whatever the weights' dtype.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight is not None and want[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and want[2] else None
+        needs_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+        device = hidden.device.type
+        # The dtype of the head's matmuls: autocast's when it is on (bf16-mixed), else the weights'.
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+            (hidden.dtype if weight is None else weight.dtype)
+        nll_sum = hidden.new_zeros((), dtype=torch.float32)
+        distill_sum = hidden.new_zeros((), dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        # One copy of the head in the matmuls' dtype for the whole pass (autocast would cast it per chunk).
+        w = None if weight is None else weight.to(mm_dtype)
+        b = None if bias is None else bias.to(mm_dtype)
+        for start in range(0, hidden.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]
+            if weight is None:  # the input's rows (read only); float32 input: the gradient goes straight into place
+                logits = h.float()
+                out = grad_hidden[rows] if grad_hidden is not None and h.dtype == torch.float32 else None
+            else:  # our own float32 logits: the gradient overwrites them
+                h = h.to(mm_dtype)
+                logits = F.linear(h, w, b).float()
+                out = logits
+            nll, distill, chunk_loss, grad_logits = _chunk(logits, targets[rows], ids[rows], probs[rows], weights,
+                                                           distillation, needs_grad, out)
+            nll_sum += nll
+            distill_sum += distill
+            loss += chunk_loss
+            if not needs_grad:
+                continue
+            if weight is None:
+                if out is None:
+                    grad_hidden[rows] = grad_logits
+                continue
+            g = grad_logits.to(mm_dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = g @ w
+            if grad_weight is not None:
+                grad_weight += g.T @ h
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.mark_non_differentiable(nll_sum, distill_sum)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss, nll_sum, distill_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_distill):
+        if getattr(ctx, "used", False):  # the buffers below were scaled in place by the first backward
+            raise RuntimeError("vocab_loss supports one backward pass per forward (no retain_graph)")
+        ctx.used = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.float()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))  # our own buffer: scaled in place
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _chunk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+           weights: torch.Tensor, distillation: str | Callable, needs_grad: bool, out: torch.Tensor | None):
+    """One chunk of float32 ``logits [n, V]``: ``(Σ nll, Σ distill, weighted loss, d loss / d logits or None)``.
+
+    The gradient is written into ``out`` (may be ``logits`` itself: one ``[n, V]`` buffer, not two), or a
+    new tensor when ``out`` is None. Each pass over ``[n, V]`` costs as much as the matmul's output, so the
+    fast path makes as few as HF's cross-entropy: log Z (read), the gradient (write), its exp (in place).
+    """
+    mask = targets != IGNORE_INDEX
+    a = weights[0] * mask  # [n] per-token weights of the two terms
+    b = weights[1] * mask
+    gold = targets.clamp(min=0).unsqueeze(-1)
+    teacher = ids.size(-1) > 0
+    if callable(distillation):
+        with torch.enable_grad():
+            z = logits.detach().requires_grad_(needs_grad)
+            nll = log_z(z) - z.gather(-1, gold).squeeze(-1)
+            distill = distillation(z, ids, probs) if teacher else torch.zeros_like(nll)
+            loss = (a * nll).sum() + (b * distill).sum()
+            grad = torch.autograd.grad(loss, z)[0] if needs_grad else None
+        if grad is not None and out is not None:
+            grad = out.copy_(grad)
+        return (nll * mask).sum().detach(), (distill * mask).sum().detach(), loss.detach(), grad
+    lz = log_z(logits)
+    nll = lz - logits.gather(-1, gold).squeeze(-1)
+    distill = DISTILLATION[distillation](logits, ids, probs, lz) if teacher else torch.zeros_like(nll)
+    loss = (a * nll).sum() + (b * distill).sum()
+    if not needs_grad:
+        return (nll * mask).sum(), (distill * mask).sum(), loss, None
+    # d/dz of a·NLL + b·CE(p‖q) = softmax(z)·(a + b·Σp) − a·onehot(gold) − b·p (at the candidate ids);
+    # softmax(z)·s = exp(z − (log Z − log s)), one pass (rows with s = 0 get exp(−inf) = 0). KL differs
+    # from CE by the teacher's entropy, which does not depend on z: the same gradient.
+    scale = a + b * probs.sum(-1) if teacher else a
+    grad = torch.sub(logits, (lz - scale.log()).unsqueeze(-1), out=out).exp_()
+    grad.scatter_add_(-1, gold, -a.unsqueeze(-1))
+    if teacher:
+        grad.scatter_add_(-1, ids, -(b.unsqueeze(-1) * probs))
+    return (nll * mask).sum(), (distill * mask).sum(), loss, grad

@@ -14,23 +14,13 @@ from __future__ import annotations
 import torch
 
 from fusion.modules.fusellm import FuseLLMModule
-from fusion.modules.losses import IGNORE_INDEX, next_token_nll
+from fusion.modules.losses import candidate_logprobs, pooled_probs
 
 
 class ReverseKLFuseLLM(FuseLLMModule):
-    def distillation(self, logits: torch.Tensor, batch: dict, ids: torch.Tensor,
-                     probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, mask = next_token_nll(logits, batch["labels"])
-        tokens = mask.sum().clamp(min=1)
-        # Duplicate candidate ids are pooled: sum each id's probability, and count it once.
-        ids, probs = ids[:, :-1], probs[:, :-1].float()
-        same = ids.unsqueeze(-1) == ids.unsqueeze(-2)
-        first = same.float().argmax(-1) == torch.arange(ids.size(-1), device=ids.device)
-        p = (same * probs.unsqueeze(-2)).sum(-1)
-        support = first & (p > 0)
-        student = logits[:, :-1].float().log_softmax(-1).gather(-1, ids)
-        student = student.masked_fill(~support, float("-inf"))
-        q = student.log_softmax(-1).masked_fill(~support, 0)  # renormalised on the support; 0, not -inf,
-        kl = (support * q.exp() * (q - p.clamp(min=1e-30).log())).sum(-1)  # off it: no 0 * inf in backward
-        valid = batch["labels"][:, 1:] != IGNORE_INDEX
-        return nll.sum() / tokens, (kl * valid).sum() / tokens
+    def distillation_loss(self, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        p = pooled_probs(ids, probs)  # each distinct candidate once, with its total probability
+        support = p > 0
+        q = candidate_logprobs(logits, ids).masked_fill(~support, float("-inf")).log_softmax(-1)
+        q = q.masked_fill(~support, 0)  # 0, not -inf, off the support: no 0 * inf in backward
+        return (support * q.exp() * (q - p.clamp(min=1e-30).log())).sum(-1)

@@ -44,7 +44,7 @@ STEP_SHAPE = {"batch": 4, "tokens": 2048}
 QWEN_1_5B = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
              "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
              "tie_word_embeddings": True}
-CHUNKS = (1024, 256, 4096)  # the default first
+CHUNKS = (1024, 512, 2048)  # the default first
 
 
 class Growth:

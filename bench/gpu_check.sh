@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# What only a GPU can check, in one call: the fusion_step benchmark at realistic shapes (the loss alone
-# at 32k and 152k in bf16; the whole bf16-mixed step of a Qwen2.5-1.5B-shape model against HF's and
-# liger-kernel's, memory and gradients included), then the embedded FuseLLM default end to end in
-# bf16-mixed, and under FSDP with activation checkpointing.
+# What only a GPU can check, in one call: the Triton kernel against the eager loss, the fusion_step
+# benchmark at realistic shapes (the loss alone at 32k and 152k in bf16; the whole bf16-mixed step of a
+# Qwen2.5-1.5B-shape model against HF's and liger-kernel's, memory and gradients included), then the
+# embedded FuseLLM default end to end under FSDP with activation checkpointing (FULL=1: also the whole
+# default in bf16-mixed).
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Missing packages can come as wheels in .whl/ (liger-kernel, datasets, rapidfuzz, ...), and a built zoo
 # in .gpu/zoo (FUSION_ZOO_DIR), so the machine needs no network.
@@ -28,13 +29,14 @@ step() {  # name, seconds, command...: run it with a time limit, keep its log, p
 }
 nvidia-smi -L
 $py -c "import torch, lightning, transformers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+step kernel_tests 90 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step bench_fusion_step 250 $py bench/run.py fusion_step
 grep '^{' "$out/bench_fusion_step.log" > "$out/fusion_step.jsonl"
-step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 trainer.precision=bf16-mixed \
-  trainer.max_steps=150 trainer.val_every_n_steps=150 $common
 step fusellm_fsdp 110 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/fsdp trainer.strategy=fsdp \
   "fsdp.wrap=[LlamaDecoderLayer]" fsdp.activation_checkpointing=true trainer.precision=bf16-mixed \
   trainer.max_steps=60 trainer.val_every_n_steps=60 $common
+[ "${FULL:-0}" = 1 ] && step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 \
+  trainer.precision=bf16-mixed $common
 echo "== summary"
 $py - "$out/fusion_step.jsonl" <<'EOF'
 import json, sys

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fusion.modules import kernels
+
 IGNORE_INDEX = -100
 
 # --- building blocks ---------------------------------------------------------------------------------
@@ -182,18 +184,22 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         # One copy of the head in the matmuls' dtype for the whole pass (autocast would cast it per chunk).
         w = None if weight is None else weight.to(mm_dtype)
         b = None if bias is None else bias.to(mm_dtype)
+        # On CUDA the fast path's softmax is one Triton kernel on the logits in their own dtype (`kernels`).
+        fused = needs_grad and not callable(distillation) and kernels.available(hidden)
         for start in range(0, hidden.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
-            if weight is None:  # the input's rows (read only); float32 input: the gradient goes straight into place
-                logits = h.float()
-                out = grad_hidden[rows] if grad_hidden is not None and h.dtype == torch.float32 else None
-            else:  # our own float32 logits: the gradient overwrites them
+            if weight is None:  # the input's rows, read only: the gradient goes to its own buffer
+                logits = h if fused else h.float()
+                same = grad_hidden is not None and (fused or h.dtype == torch.float32)
+                out = grad_hidden[rows] if same else None
+            else:  # our own logits: the gradient overwrites them
                 h = h.to(mm_dtype)
-                logits = F.linear(h, w, b).float()
+                logits = F.linear(h, w, b)
+                logits = logits if fused else logits.float()
                 out = logits
             nll, distill, chunk_loss, grad_logits = _chunk(logits, targets[rows], ids[rows], probs[rows], weights,
-                                                           distillation, needs_grad, out)
+                                                           distillation, needs_grad, out, fused)
             nll_sum += nll
             distill_sum += distill
             loss += chunk_loss
@@ -232,12 +238,15 @@ class _ChunkedVocabLoss(torch.autograd.Function):
 
 
 def _chunk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
-           weights: torch.Tensor, distillation: str | Callable, needs_grad: bool, out: torch.Tensor | None):
-    """One chunk of float32 ``logits [n, V]``: ``(Σ nll, Σ distill, weighted loss, d loss / d logits or None)``.
+           weights: torch.Tensor, distillation: str | Callable, needs_grad: bool, out: torch.Tensor | None,
+           fused: bool = False):
+    """One chunk of logits ``[n, V]``: ``(Σ nll, Σ distill, weighted loss, d loss / d logits or None)``.
 
-    The gradient is written into ``out`` (may be ``logits`` itself: one ``[n, V]`` buffer, not two), or a
-    new tensor when ``out`` is None. Each pass over ``[n, V]`` costs as much as the matmul's output, so the
-    fast path makes as few as HF's cross-entropy: log Z (read), the gradient (write), its exp (in place).
+    The logits are float32, or in the head's dtype when ``fused`` (the Triton kernel reads them as they
+    are). The gradient is written into ``out`` (may be ``logits`` itself: one ``[n, V]`` buffer, not two),
+    or a new tensor when ``out`` is None. Each pass over ``[n, V]`` costs as much as the matmul's output,
+    so the eager fast path makes as few as HF's cross-entropy: log Z (read), the gradient (write), its
+    exp (in place); the kernel reads twice and writes once.
     """
     mask = targets != IGNORE_INDEX
     a = weights[0] * mask  # [n] per-token weights of the two terms
@@ -254,18 +263,30 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, probs
         if grad is not None and out is not None:
             grad = out.copy_(grad)
         return (nll * mask).sum().detach(), (distill * mask).sum().detach(), loss.detach(), grad
-    lz = log_z(logits)
-    nll = lz - logits.gather(-1, gold).squeeze(-1)
-    distill = DISTILLATION[distillation](logits, ids, probs, lz) if teacher else torch.zeros_like(nll)
-    loss = (a * nll).sum() + (b * distill).sum()
-    if not needs_grad:
-        return (nll * mask).sum(), (distill * mask).sum(), loss, None
-    # d/dz of a·NLL + b·CE(p‖q) = softmax(z)·(a + b·Σp) − a·onehot(gold) − b·p (at the candidate ids);
-    # softmax(z)·s = exp(z − (log Z − log s)), one pass (rows with s = 0 get exp(−inf) = 0). KL differs
-    # from CE by the teacher's entropy, which does not depend on z: the same gradient.
+    # What the loss reads of the logits, gathered before the gradient may overwrite them.
+    z_gold = logits.gather(-1, gold).squeeze(-1).float()
+    z_ids = logits.gather(-1, ids).float()
+    # d/dz of a·NLL + b·CE(p‖q) = softmax(z)·(a + b·Σp) − a·onehot(gold) − b·p (at the candidate ids).
+    # KL differs from CE by the teacher's entropy, which does not depend on z: the same gradient.
     scale = a + b * probs.sum(-1) if teacher else a
-    grad = torch.sub(logits, (lz - scale.log()).unsqueeze(-1), out=out).exp_()
-    grad.scatter_add_(-1, gold, -a.unsqueeze(-1))
-    if teacher:
-        grad.scatter_add_(-1, ids, -(b.unsqueeze(-1) * probs))
+    grad = None
+    if fused:
+        grad, lz = kernels.scaled_softmax(logits, scale, out)
+    else:
+        lz = log_z(logits)
+        if needs_grad:  # softmax(z)·s = exp(z − (log Z − log s)), one pass (rows with s = 0 get exp(−inf) = 0)
+            grad = torch.sub(logits, (lz - scale.log()).unsqueeze(-1), out=out).exp_()
+    nll = lz - z_gold
+    logq = z_ids - lz.unsqueeze(-1)
+    distill = -(probs * logq).sum(-1) if teacher else torch.zeros_like(nll)
+    if teacher and distillation == "kl":
+        pooled = pooled_probs(ids, probs)
+        distill = distill + torch.where(pooled > 0, pooled * pooled.clamp(min=1e-30).log(), 0).sum(-1)
+    elif distillation not in DISTILLATION:
+        raise ValueError(f"unknown distillation loss {distillation!r}: use 'ce', 'kl' or a function")
+    loss = (a * nll).sum() + (b * distill).sum()
+    if grad is not None:
+        grad.scatter_add_(-1, gold, -a.unsqueeze(-1).to(grad.dtype))
+        if teacher:
+            grad.scatter_add_(-1, ids, -(b.unsqueeze(-1) * probs).to(grad.dtype))
     return (nll * mask).sum(), (distill * mask).sum(), loss, grad

@@ -44,7 +44,7 @@ STEP_SHAPE = {"batch": 4, "tokens": 2048}
 QWEN_1_5B = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
              "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
              "tie_word_embeddings": True}
-CHUNKS = (1024, 512, 2048)  # the default first
+CHUNKS = (None, 512, 2048)  # None: the default (1,024 tokens at this vocabulary) first
 
 
 class Growth:
@@ -170,6 +170,7 @@ def whole_step(device: str = "cuda", model_shape: dict = QWEN_1_5B, step_shape: 
     from fusion.config import FusionConfig, OptimConfig
     from fusion.modules.base import CausalLMModule
     from fusion.modules.fusellm import FuseLLMModule
+    from fusion.modules.losses import auto_chunk_size
 
     torch.manual_seed(0)
     config = Qwen2Config(**model_shape, use_cache=False)
@@ -218,10 +219,11 @@ def whole_step(device: str = "cuda", model_shape: dict = QWEN_1_5B, step_shape: 
     except Exception as err:  # ImportError where it is not installed; a kernel error where it does not fit
         print(f"liger-kernel left out: {type(err).__name__}: {err}", file=sys.stderr)
     clm = module(CausalLMModule, CHUNKS[0])
-    variants[f"ours_clm_chunk{CHUNKS[0]}"] = step(lambda: clm.training_loss(batch))
+    variants["ours_clm"] = step(lambda: clm.training_loss(batch))
     for chunk in CHUNKS:
         fuse = module(FuseLLMModule, chunk, fusion=FusionConfig())
-        variants[f"ours_fusion_chunk{chunk}"] = step(lambda m=fuse: m.training_loss(batch))
+        variants[f"ours_fusion_chunk{chunk or auto_chunk_size(config.vocab_size)}"] = step(
+            lambda m=fuse: m.training_loss(batch))
     lambda1 = module(FuseLLMModule, CHUNKS[0], fusion=FusionConfig(clm_weight=1.0))
     figures = [agreement(model, device, {"hf": hf_loss, "hf_again": hf_loss,
                                          "ours_clm": lambda: clm.training_loss(batch),

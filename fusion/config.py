@@ -42,8 +42,9 @@ class ModelConfig:
     fused_head: bool = True
     """Compute the LM head inside the chunked loss (`fusion.modules.losses.vocab_loss`), so the `[B, T, V]` logits
     never exist whole; heads it cannot compute (logit soft-capping or scaling) fall back to the model's logits."""
-    loss_chunk_size: int = 1024
-    """Tokens per chunk of the loss: its transient memory is about chunk x vocabulary x 6 bytes (0.9 GB at 152k)."""
+    loss_chunk_size: int | None = None
+    """Tokens per chunk of the loss, which bounds its transient memory (chunk x vocabulary logits); None: the power of
+    two at or above 2^27 / vocabulary (1,024 tokens at 152k, 8,192 at 32k: 0.25-0.5 GB in bf16)."""
 
 
 @dataclass

@@ -115,7 +115,7 @@ def check(recipe: Recipe) -> None:
                             ("trainer.log_every_n_steps", t.log_every_n_steps, 1),
                             ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1),
                             ("data.preprocessing_workers", d.preprocessing_workers, 1),
-                            ("model.loss_chunk_size", recipe.model.loss_chunk_size, 1),
+                            ("model.loss_chunk_size", recipe.model.loss_chunk_size or 1, 1),
                             ("data.num_workers", d.num_workers, 0)):
         if value < low:
             _fail(key, f"must be at least {low}, got {value}")

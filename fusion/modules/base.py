@@ -40,7 +40,7 @@ class CausalLMModule(pl.LightningModule):
     def __init__(self, model_path: str, optim: OptimConfig, dtype: str = "float32",
                  gradient_checkpointing: bool = False, attn_implementation: str | None = None,
                  trust_remote_code: bool = False, validation_names: tuple[str, ...] = ("all",),
-                 fused_head: bool = True, loss_chunk_size: int = 1024) -> None:
+                 fused_head: bool = True, loss_chunk_size: int | None = None) -> None:
         super().__init__()
         # Plain types only in checkpoints, so that they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optim"], logger=False)

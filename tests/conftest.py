@@ -12,6 +12,19 @@ from fusion.zoo import build_zoo
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Everything fusion caches during the tests (representations, weight hashes, ...) goes to a temporary
+    folder, not the user's ~/.cache/fusion; subprocesses inherit it."""
+    previous = os.environ.get("FUSION_CACHE")
+    os.environ["FUSION_CACHE"] = str(tmp_path_factory.mktemp("fusion-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FUSION_CACHE")
+    else:
+        os.environ["FUSION_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zoo")
@@ -36,8 +49,10 @@ def tiny_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> list
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_fit(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m fusion.fit ARGS` in a subprocess, as a user runs it."""
+def run_fit(*args: str, timeout: int = 300, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m fusion.fit ARGS` in a subprocess, as a user runs it (``pythonpath``: where their own code is)."""
     env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "fusion.fit", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)

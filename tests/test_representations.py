@@ -8,17 +8,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import fusion.data.representations as representations
 from fusion.config import Recipe
 from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.prepare import open_teacher_store, prepare_chunks
-from fusion.data.representations import ShardWriter, extract, shard_bytes_per_token
+from fusion.data.representations import (
+    ShardWriter,
+    extract,
+    file_sha256,
+    model_fingerprint,
+    safetensors_header,
+    shard_bytes_per_token,
+)
 from fusion.data.text import load_tokenizer
 from fusion.errors import FusionError
 from fusion.schema import build
@@ -204,3 +214,96 @@ def test_bitsandbytes_teachers_agree_with_full_precision(zoo_dir, store_dir, qua
     assert agree > 0.8, agree
     assert np.abs(a.chunk_ce - b.chunk_ce).max() < 0.2
     assert json.loads((store_quant.folder / "manifest.json").read_text())["bad_chunks"] == []
+
+
+def test_a_fine_tuned_copy_with_the_same_file_sizes_gets_new_representations(zoo_dir, store_dir, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))  # the file-hash index
+    source = Path(resolve_model("zoo:gpt2-code", "small", zoo_dir))
+    copy, tuned = tmp_path / "copy" / "gpt2-code", tmp_path / "tuned" / "gpt2-code"
+    shutil.copytree(source, copy)
+    shutil.copytree(source, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: w + 0.05 * torch.randn(w.shape, generator=generator, dtype=w.dtype)
+               for name, w in weights.items()}, tuned / "model.safetensors", metadata={"format": "pt"})
+    for file in source.iterdir():  # same names, shapes, dtypes: every file keeps its size
+        assert (tuned / file.name).stat().st_size == file.stat().st_size, file.name
+    assert safetensors_header(tuned / "model.safetensors") == safetensors_header(source / "model.safetensors")
+
+    original, manifest, _ = run_extraction(make_recipe(zoo_dir, store_dir, [{"path": str(source), "name": "gpt2"}]))
+    written = {p.name: p.stat().st_mtime_ns for p in original.folder.glob("shard-*.npz")}
+    assert len(written) == 4
+    # An identical copy elsewhere: the fingerprint is the content's, so the same representations are reused.
+    same, same_manifest, _ = run_extraction(make_recipe(zoo_dir, store_dir, [{"path": str(copy), "name": "gpt2"}]))
+    assert same.folder == original.folder and same_manifest == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in same.folder.glob("shard-*.npz")} == written  # nothing recomputed
+    # The fine-tuned copy: a new folder, computed from its own weights.
+    new, new_manifest, _ = run_extraction(make_recipe(zoo_dir, store_dir, [{"path": str(tuned), "name": "gpt2"}]))
+    assert new.folder != original.folder and sorted(new_manifest["shards"]) == ["00000", "00001", "00002", "00003"]
+    assert new_manifest["teacher"]["model"] != manifest["teacher"]["model"]
+    assert np.abs(new.read_shard(0).chunk(0)["topk_logprobs"].astype(np.float32)
+                  - original.read_shard(0).chunk(0)["topk_logprobs"].astype(np.float32)).max() > 0.01
+
+
+def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    hash_file = representations.sha256_file
+    monkeypatch.setattr(representations, "sha256_file", lambda path, **kw: hashed.append(path) or hash_file(path, **kw))
+    weights = tmp_path / "model" / "model.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(b"\x00" * 1000)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    first = model_fingerprint(str(weights.parent))
+    assert model_fingerprint(str(weights.parent)) == first and hashed == [weights]  # the second time: cached
+    index = json.loads((tmp_path / "cache" / "file-hashes.json").read_text())
+    assert index[str(weights)]["size"] == 1000
+    stat = weights.stat()
+    weights.write_bytes(b"\x01" * 1000)  # fine-tuned in place: same size, a new mtime
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert model_fingerprint(str(weights.parent)) != first and hashed == [weights, weights]
+    assert file_sha256(weights) == hash_file(weights)
+    (tmp_path / "model" / "broken.safetensors").write_bytes(b"\xff" * 12)  # a header length past the end
+    with pytest.raises(FusionError, match="broken.safetensors is not a safetensors file.*download it again"):
+        model_fingerprint(str(weights.parent))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """A local Hugging Face cache holding ``org/cached`` at commit ``a...a``; the hub is never asked unless a
+    test says so."""
+    root = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    repo = root / "models--org--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "config.json").write_text("{}")
+    monkeypatch.setattr(representations.HfApi, "model_info", lambda *a, **k: pytest.fail("the hub was asked"))
+    return root
+
+
+def test_a_hub_teacher_is_its_commit_offline_from_the_local_cache(hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_fingerprint("org/cached") == "hub:org/cached@" + "a" * 40
+    with pytest.raises(FusionError, match=r"teacher 'org/missing'.*HF_HUB_OFFLINE.*download it \(hf download "
+                                          r"org/missing\) or set its path to a local folder"):
+        model_fingerprint("org/missing")
+    with pytest.raises(FusionError, match="teacher './no/such/folder': no such local folder"):
+        model_fingerprint("./no/such/folder")
+
+
+def test_a_hub_teacher_is_its_commit_on_the_hub_or_cached_when_the_hub_cannot_be_reached(hub_cache, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(representations.HfApi, "model_info", lambda self, repo_id, **kw: SimpleNamespace(sha="b" * 40))
+    assert model_fingerprint("org/cached") == "hub:org/cached@" + "b" * 40  # the hub's main, newer than the cache
+
+    def unreachable(self, repo_id, **kw):
+        raise ConnectionError("cannot reach huggingface.co")
+
+    monkeypatch.setattr(representations.HfApi, "model_info", unreachable)
+    assert model_fingerprint("org/cached") == "hub:org/cached@" + "a" * 40
+    with pytest.raises(FusionError, match="'org/missing'.*cannot reach huggingface.co"):
+        model_fingerprint("org/missing")

@@ -1,6 +1,9 @@
 """Text sources and packing: local files, save_to_disk folders, held-out validation, clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -53,6 +56,48 @@ def test_datamodule_caches_blocks_by_content(tmp_path, tokenizer_path):
     other = TextDataModule(DataConfig(**{**config.__dict__, "block_size": 8}), tokenizer_path, batch_size=2)
     assert other.cache_path() != module.cache_path()
     assert TextDataModule(config, tokenizer_path, batch_size=4).cache_path() == module.cache_path()
+
+
+# One rank of a torchrun job (or one of two runs): prepare the block cache when the other process does.
+_PREPARE = """
+import json, os, sys, time
+from pathlib import Path
+import fusion.data.text as text
+from fusion.config import DataConfig
+config, tokenizer_path, ready, log = DataConfig(**json.loads(sys.argv[1])), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+pack = text.pack
+def logged_pack(*args, **kwargs):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(0.5)  # the other process arrives while this one builds
+    return pack(*args, **kwargs)
+text.pack = logged_pack
+module = text.TextDataModule(config, tokenizer_path, batch_size=2)
+module.cache_path()  # loads the tokenizer: both processes are ready to build when they meet
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < 2:
+    time.sleep(0.01)
+module.prepare_data()
+module.setup()
+print(len(module.train_set), module.validation_names)
+"""
+
+
+def test_two_processes_preparing_the_same_blocks_at_once_build_them_once(tmp_path, tokenizer_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS))
+    config = {"source": str(tmp_path / "a.jsonl"), "block_size": 16, "cache_dir": str(tmp_path / "cache")}
+    ready, log = tmp_path / "ready", tmp_path / "packs.log"
+    ready.mkdir()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, json.dumps(config), tokenizer_path, str(ready),
+                               str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert len(set(log.read_text().split())) == 1  # one process packed (train and validation), the other waited
+    assert results[0][0] == results[1][0] and results[0][0].split()[-1] == "['all']"
+    cache = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(cache) == 1 and cache[0].startswith("blocks-")  # no temporary folder left
 
 
 def test_unreadable_sources_and_missing_columns_are_clear_errors(tmp_path, monkeypatch):

@@ -5,13 +5,14 @@ For each shard of a teacher store (`fusion.data.store`) and one alignment mode, 
 ``src`` array of `fusion.data.alignment.align` (int32, one entry per target position), concatenated,
 with ``offsets`` into it. ``key`` covers the target tokenizer, the chunking and the vocabulary map,
 so a different target gets its own alignments. Shards are aligned in parallel worker processes,
-each written atomically: a killed run keeps what it finished.
+each written atomically: a killed run keeps what it finished. Training reads them memory-mapped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion.data.alignment import TokenTable, align_many
+from fusion.data.cache import atomic_write
 from fusion.data.chunks import load_chunk_set
-from fusion.data.store import TeacherStore, atomic_write
+from fusion.data.store import TeacherStore, map_npz
+from fusion.errors import FusionError
 
 _ALIGN_FORMAT = 1
 _BATCH = 64  # chunks per align_many call: enough to share numpy's per-call overhead
@@ -91,6 +94,11 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
 
 
 def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(src, offsets)`` of one shard: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``."""
-    with np.load(folder / f"shard-{shard:05d}.npz") as data:
-        return data["src"], data["offsets"]
+    """``(src, offsets)`` of one shard, memory-mapped: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``."""
+    path = folder / f"shard-{shard:05d}.npz"
+    try:
+        arrays = map_npz(path)
+        return arrays["src"], arrays["offsets"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise FusionError(f"{path} cannot be read ({err}); delete it and re-run: only that shard is aligned "
+                          "again") from None

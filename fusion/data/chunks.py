@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import datasets
@@ -115,7 +113,11 @@ def make_chunks(texts: list[str], tokenizer, block_size: int) -> list[tuple[str,
 
 def build_chunk_set(documents: datasets.Dataset, text_field: str, tokenizer, block_size: int, folder: Path,
                     num_proc: int = 1) -> datasets.Dataset:
-    """Chunk ``documents`` (joining only within batches of 1,000 documents) and save them to ``folder``."""
+    """Chunk ``documents`` (joining only within batches of 1,000 documents) and save them to ``folder``.
+
+    ``folder`` is new and empty: `fusion.data.prepare.prepare_chunks` builds the set once in a temporary
+    folder and renames it into place (`fusion.data.cache.build_once`); ``chunks.json`` is written last.
+    """
     def chunk_batch(batch: dict) -> dict:
         chunks = make_chunks(batch[text_field], tokenizer, block_size)
         texts, ends = [c[0] for c in chunks], [c[1] for c in chunks]
@@ -133,20 +135,21 @@ def build_chunk_set(documents: datasets.Dataset, text_field: str, tokenizer, blo
     digest = hashlib.sha256(f"chunking v{CHUNKING_VERSION} block={block_size}\n".encode())
     for text in chunks["text"]:
         digest.update(hashlib.sha256(text.encode()).digest())
-    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    chunks.save_to_disk(str(staging / "chunks"))
+    chunks.save_to_disk(str(folder / "chunks"))
     info = {"fingerprint": digest.hexdigest()[:16], "chunks": len(chunks), "block_size": block_size,
             "tokens": int(sum(len(ids) for ids in chunks["input_ids"]))}
-    (staging / "chunks.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    (folder / "chunks.json").write_text(json.dumps(info, indent=2))
     return chunks
+
+
+def is_chunk_set(folder: Path) -> bool:
+    """A finished chunk set: ``chunks.json`` is written last."""
+    return (folder / "chunks.json").is_file()
 
 
 def load_chunk_set(folder: Path) -> tuple[datasets.Dataset, dict]:
     """The chunks saved by `build_chunk_set` and their info (``fingerprint``, ``chunks``, ``tokens``)."""
     info_file = folder / "chunks.json"
-    if not info_file.is_file():
+    if not is_chunk_set(folder):
         raise FusionError(f"{folder} holds no finished chunk set (chunks.json is missing); delete it and re-run")
     return datasets.load_from_disk(str(folder / "chunks")), json.loads(info_file.read_text())

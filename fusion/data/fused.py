@@ -25,10 +25,15 @@ the batches ``b`` with ``(b - start) % workers == w`` (PyTorch returns worker re
 so the stream is in batch order). The position (epoch, batches consumed) is saved in checkpoints:
 a resumed run continues at the next batch, no sample seen twice, none skipped. Chunks on which
 any teacher produced NaN/inf are left out.
+
+Memory: shards are memory-mapped and only the rows of a batch's chunks are copied out, so a worker's
+private memory is the batches it collates; `loader_memory` estimates it, and the shared page cache,
+from a recipe (``--dry-run`` prints it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -36,14 +41,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fusion.config import Recipe
 from fusion.data.align_shards import read_alignment
 from fusion.data.alignment import aligned_distribution
 from fusion.data.chunks import load_chunk_set
 from fusion.data.prepare import PreparedTeacher
+from fusion.data.store import bytes_per_token
 from fusion.data.text import TextDataModule
 from fusion.errors import FusionError
 
 _WINDOW = 4  # shards whose chunks are shuffled together
+_PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
+_ALIGNMENT_BYTES = 4  # per target token and teacher: the int32 src of `fusion.data.align_shards`
 
 
 def epoch_order(chunk_ids: np.ndarray, chunks_per_shard: int, seed: int, epoch: int) -> np.ndarray:
@@ -93,9 +102,22 @@ class FusedBatches(IterableDataset):
             yield self.collate(batches[b])
 
     # -- reading ---------------------------------------------------------------------------------
+    def verify(self) -> None:
+        """Check the sha256 of every shard this dataset reads, once per process (`TeacherStore.verify_shard`).
+
+        Called by the loader in the main process before its workers start: the forked workers inherit
+        the checks instead of each hashing every shard again. It reads the whole store once per run and
+        rank: ~240 GB for the 7B recipe's three teachers, a few minutes at ~1.5 GB/s.
+        """
+        shards = np.unique(self.chunk_ids // self.chunks_per_shard).tolist()
+        for teacher in self.teachers:
+            for shard in shards:
+                teacher.store.verify_shard(shard)
+
     def _shard(self, t: int, shard: int):
-        """Teacher t's shard and alignment; the last `_WINDOW` of each teacher stay in memory (an epoch
-        visits a window's shards in mixed order, then moves on), so each is read once per epoch."""
+        """Teacher t's shard and alignment, memory-mapped; the last `_WINDOW` of each teacher stay mapped (an
+        epoch visits a window's shards in mixed order, then moves on). Mapped pages are page cache, shared
+        by the workers and ranks, not this process's private memory (`loader_memory`)."""
         key = (t, shard)
         if key not in self._cache:
             mine = [k for k in self._cache if k[0] == t]
@@ -168,6 +190,7 @@ class FusedLoader(DataLoader):
         if self.consumed >= len(self):  # the previous epoch ran to its end: start the next one
             self.dataset.epoch, self.consumed = self.dataset.epoch + 1, 0
         self.dataset.start = self.consumed  # read by the workers, created by this call
+        self.dataset.verify()  # here, before the workers fork, so that none of them hashes the shards again
         return super().__iter__()
 
     def batch_consumed(self) -> None:
@@ -183,6 +206,80 @@ class FusedLoader(DataLoader):
                               f"per epoch) differs from this run's (seed {self.dataset.seed}, {len(self)}); resume "
                               "with the same recipe")
         self.dataset.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+@dataclass
+class LoaderMemory:
+    """One rank's training loader's host memory, estimated by `loader_memory`; sizes in bytes."""
+
+    workers: int  # DataLoader workers (0: the main process reads the shards)
+    shards: int  # shards each reading process keeps mapped per teacher
+    teachers: int
+    shard_bytes: int  # one teacher's shard file and its alignment file
+    batch_bytes: int  # one collated batch
+    batches: int  # collated batches in flight
+
+    @property
+    def mapped(self) -> int:
+        """What the reading processes map: workers x shards x teachers x shard bytes (virtual, not resident)."""
+        return max(self.workers, 1) * self.shards * self.teachers * self.shard_bytes
+
+    @property
+    def page_cache(self) -> int:
+        """The distinct mapped pages in use at a time: the same in every worker and every rank of a node."""
+        return self.shards * self.teachers * self.shard_bytes
+
+    @property
+    def private(self) -> int:
+        """The rank's own memory: its collated batches in flight."""
+        return self.batches * self.batch_bytes
+
+    def describe(self) -> str:
+        readers = f"{self.workers} workers" if self.workers else "1 process"
+        batches = f"{self.batches} batch{'es' if self.batches > 1 else ''}"
+        return (f"~{_size(self.private)} private host memory per rank ({batches} in flight); shards memory-mapped: "
+                f"{readers} x {self.shards} shards x {self.teachers} teachers x {_size(self.shard_bytes)} = "
+                f"{_size(self.mapped)}, the same ~{_size(self.page_cache)} of page cache for all workers and ranks")
+
+
+def loader_memory(recipe: Recipe) -> LoaderMemory:
+    """The host memory one rank's training loader holds, from the recipe's settings alone (no file is read).
+
+    Every reading process (each of ``data.num_workers`` DataLoader workers, or the main process
+    without workers) keeps the last `_WINDOW` shards of each teacher mapped with their alignment
+    files. A shard is ``representations.chunks_per_shard`` chunks of at most ``data.block_size``
+    tokens, at the store format's bytes per token (`fusion.data.store.bytes_per_token`, 2-byte ids:
+    44 at k = 10; 3-byte ids above a 65,536 vocabulary add 27 %) plus 4 bytes of alignment per target
+    token; a teacher's token count is taken as the target's (tokenizers differ by ~10-20 %).
+
+    Resident versus page cache: the mapped files are page cache, not private memory. A page is read
+    from disk when a batch needs its chunk, is one physical page for every worker and every rank of
+    the node that maps it (the ranks read the same window of shards, each its slice of the same global
+    batches), and the kernel evicts it under pressure. So ``mapped`` is virtual, ``page_cache``
+    (shards x teachers x shard bytes) is what is in use at a time per node, and ``private`` is only
+    the collated batches in flight, ``prefetch_factor`` (2) per worker: ``[B, T, L, k]`` int64 ids and
+    float32 log-probs, ~1.6 MB per batch at B = 2, T = 3, L = 2048, k = 10. Before shards were mapped,
+    each worker held its 4 x T shards loaded with ids widened to int64: ~2.8 GB per worker at the 7B
+    recipe. Not counted: the worker processes themselves (Python and torch, forked and mostly shared)
+    and the chunk set (Arrow, memory-mapped too).
+    """
+    d, r, b = recipe.data, recipe.representations, recipe.trainer.batch_size
+    teachers, length, k = len(recipe.teachers), d.block_size, r.top_k
+    batch = (3 * 8 * b * length  # input_ids, attention_mask, labels: int64 [B, L]
+             + (8 + 4) * b * teachers * length * k  # teacher_ids int64, teacher_logprobs float32 [B, T, L, k]
+             + (4 + 1) * b * teachers * length  # teacher_token_ce float32, teacher_fallback bool [B, T, L]
+             + 2 * 4 * b * teachers + 8 * b)  # teacher_ce, teacher_ce_per_target_token [B, T]; chunk_ids [B]
+    return LoaderMemory(workers=d.num_workers, shards=_WINDOW, teachers=teachers,
+                        shard_bytes=r.chunks_per_shard * length * (bytes_per_token(k) + _ALIGNMENT_BYTES),
+                        batch_bytes=batch, batches=_PREFETCH * d.num_workers or 1)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 class FusionDataModule(pl.LightningDataModule):

@@ -25,7 +25,8 @@ import torch
 from fusion.config import Recipe, TeacherConfig
 from fusion.data.align_shards import align_teacher, alignment_folder
 from fusion.data.alignment import TokenTable
-from fusion.data.chunks import CHUNKING_VERSION, build_chunk_set, load_chunk_set
+from fusion.data.cache import build_once
+from fusion.data.chunks import CHUNKING_VERSION, build_chunk_set, is_chunk_set, load_chunk_set
 from fusion.data.representations import (
     ShardWriter,
     default_store_dir,
@@ -69,13 +70,14 @@ def chunk_folder(recipe: Recipe, target_tokenizer) -> Path:
 
 
 def prepare_chunks(recipe: Recipe, target_tokenizer) -> tuple[Path, object, dict]:
-    """The recipe's chunk set, built on first use: ``(folder, chunks, info)``."""
-    folder = chunk_folder(recipe, target_tokenizer)
-    if not (folder / "chunks.json").is_file():
+    """The recipe's chunk set, built on first use by one process (the others wait): ``(folder, chunks, info)``."""
+    def build(tmp: Path) -> None:
         train, _ = document_splits(recipe.data, recipe.seed)
         train = train.shuffle(seed=recipe.seed)  # so that the first N chunks (max_chunks) are a fair sample
-        build_chunk_set(train, recipe.data.text_field, target_tokenizer, recipe.data.block_size, folder,
+        build_chunk_set(train, recipe.data.text_field, target_tokenizer, recipe.data.block_size, tmp,
                         recipe.data.preprocessing_workers)
+
+    folder = build_once(chunk_folder(recipe, target_tokenizer), is_chunk_set, build)
     chunks, info = load_chunk_set(folder)
     return folder, chunks, info
 

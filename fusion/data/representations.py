@@ -8,9 +8,10 @@ extract with the same code (each takes every world_size-th missing shard).
 
 Everything is resumable and incremental:
 
-- the folder of a teacher is named by a hash of what its numbers depend on (weights, tokenizer,
-  dtype, quantization, k, the chunks), so adding a teacher to a recipe computes only that teacher,
-  and any run with the same teacher and chunks reuses the shards;
+- the folder of a teacher is named by a hash of what its numbers depend on (the weights' content or
+  hub commit, tokenizer, dtype, quantization, k, the chunks), so adding a teacher to a recipe computes
+  only that teacher, any run with the same teacher and chunks reuses the shards, and a fine-tuned
+  teacher gets new ones;
 - only missing shards are computed; a shard is written atomically once all its chunks are done.
 
 Teachers that produce NaN/inf on a chunk do not stop the run: those chunks are flagged in the
@@ -21,21 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusion.config import TeacherConfig
+from fusion.data.cache import atomic_write, locked
 from fusion.data.chunks import sequence_ids
-from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
+from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype, sha256_file
 from fusion.data.text import cache_root, load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_PROGRESS_BYTES = 1 << 30  # a progress bar while hashing files above 1 GiB (a 7B model: ~14 GB, 8-30 s)
 
 
 def default_store_dir() -> Path:
@@ -43,17 +49,84 @@ def default_store_dir() -> Path:
 
 
 def model_fingerprint(path: str) -> str:
-    """Changes when the weights do: a local folder's config and weight files (names, sizes), or a hub id."""
+    """Changes when the weights do: their content for a local folder, the hub commit for a hub id.
+
+    A local folder: its ``config.json`` bytes and, per weight file, its name, its safetensors header
+    (tensor names, dtypes, shapes) and the sha256 of the whole file (`file_sha256`, computed once per
+    file version). The folder's own path is not part of it: an identical copy of a teacher elsewhere
+    reuses the original's representations, while a fine-tuned copy with the same file sizes gets new
+    ones. A hub id: ``hub:<id>@<commit>`` (`hub_commit`).
+    """
     folder = Path(path)
     if not folder.is_dir():
-        return f"hub:{path}"
+        return f"hub:{path}@{hub_commit(path)}"
     digest = hashlib.sha256()
     for file in sorted(folder.iterdir()):
         if file.name == "config.json":
             digest.update(file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pt"):
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        elif file.suffix in _WEIGHT_SUFFIXES:
+            digest.update(file.name.encode())
+            if file.suffix == ".safetensors":
+                digest.update(safetensors_header(file))
+            digest.update(file_sha256(file).encode())
     return digest.hexdigest()[:16]
+
+
+def safetensors_header(file: Path) -> bytes:
+    """The JSON header at the start of a ``.safetensors`` file: an 8-byte little-endian length, then the header."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise FusionError(f"{file} is not a safetensors file (its header is truncated); download it again")
+        return f.read(length)
+
+
+def file_sha256(file: Path) -> str:
+    """The sha256 of a file's bytes, computed once per file version.
+
+    Hashing reads the whole file (a 7B model's 14 GB: ~8 s at sha256's ~1.8 GB/s with SHA-NI, more from
+    a cold disk), so the result is kept in ``<cache root>/file-hashes.json`` by absolute path, size and
+    mtime (rewriting a file changes its mtime). One process hashes while the others (the ranks of a run)
+    wait on a lock, then read it.
+    """
+    file = file.resolve()
+    stat = file.stat()
+    index = cache_root() / "file-hashes.json"
+    with locked(index):
+        known = json.loads(index.read_text()) if index.is_file() else {}
+        entry = known.get(str(file), {})
+        if (entry.get("size"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            return entry["sha256"]
+        sha = sha256_file(file, progress=stat.st_size > _PROGRESS_BYTES)
+        known = {name: e for name, e in known.items() if Path(name).exists()}  # forget deleted files
+        known[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
+        atomic_write(index, lambda f: f.write(json.dumps(known, indent=1).encode()))
+    return sha
+
+
+def hub_commit(repo_id: str) -> str:
+    """The commit a hub id stands for: asked of the hub; offline (``HF_HUB_OFFLINE=1``, or the hub cannot be
+    reached) the commit of ``main`` in the local Hugging Face cache, which is what `from_pretrained` loads then."""
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    reason = "HF_HUB_OFFLINE is set"
+    if not offline:
+        try:
+            sha = HfApi().model_info(repo_id, timeout=10).sha
+            if sha:
+                return sha
+            reason = "the hub gave no commit"
+        except Exception as err:  # no network, a proxy, a gated or unknown repo, a bad id: try the cache
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid hub id (a local path that does not exist)
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # <hub cache>/models--ORG--NAME/snapshots/<commit>/config.json
+    raise FusionError(f"teacher {repo_id!r}: no such local folder, and its hub commit cannot be known ({reason}) "
+                      f"nor found in the local Hugging Face cache; download it (hf download {repo_id}) or set "
+                      "its path to a local folder")
 
 
 def vocab_rows(model_path: str, trust_remote_code: bool = False) -> int:

@@ -20,35 +20,51 @@ A shard is an uncompressed ``.npz`` of flat arrays over its chunks, in the teach
 
 Chunk i has ``len - 1`` prediction rows (position t predicts token t+1), at rows
 ``token_offsets[i] - i`` onwards. At k = 10 and a vocabulary up to 65,536 that is 2 + 20 + 20 + 2 = 44
-bytes per token (56 above 65,536, tokens then taking 4 bytes), against ~110 for FuseLLM's int64 ids
-and Python-list Arrow rows.
+bytes per token (56 above 65,536, tokens then taking 4 bytes; `bytes_per_token`), against ~110 for
+FuseLLM's int64 ids and Python-list Arrow rows.
 
-Writes are atomic (written aside, then renamed), so a shard file is either complete or absent;
-its ``.json`` sidecar is written after it, so a shard counts as done only when both exist and the
-checksum matches.
+Shards are read memory-mapped (`map_npz`): the arrays stay in the file, in their stored dtypes,
+and only the rows of the chunks a batch needs are copied out, ids widened to int64 then
+(`Shard.chunk`). A process checks a shard's sha256 the first time it reads that file version
+(path, size, mtime), not on every read.
+
+Writes are atomic (written aside, flushed to disk, then renamed), so a shard file is either complete
+or absent; its ``.json`` sidecar is written after it, so a shard counts as done only when both exist
+and the checksum matches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
-import tempfile
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from fusion.data.cache import atomic_write
 from fusion.errors import FusionError
 
 STORE_FORMAT = 1
 # The manifest keys that must equal what a reader expects; named in the error when they do not.
 IDENTITY_KEYS = ("format", "teacher", "tokenizer", "vocab_rows", "top_k", "dtypes", "chunking", "corpus")
+_SHARD_ARRAYS = ("chunk_ids", "token_offsets", "tokens", "topk_ids", "topk_logprobs", "token_ce", "chunk_ce", "bad")
 
 
 def id_dtype(vocab_rows: int) -> str:
     """Smallest storage for token ids below ``vocab_rows``: uint16, or 3 packed bytes."""
     return "uint16" if vocab_rows <= 1 << 16 else "uint24"
+
+
+def bytes_per_token(top_k: int, ids: str = "uint16") -> int:
+    """A shard's bytes per teacher token: token, top-k ids and log-probs, CE (the chunk arrays are per chunk)."""
+    token_bytes, id_bytes = (2, 2) if ids == "uint16" else (4, 3)
+    return token_bytes + top_k * (id_bytes + 2) + 2
 
 
 def pack_ids(ids: np.ndarray, dtype: str) -> np.ndarray:
@@ -65,24 +81,61 @@ def unpack_ids(packed: np.ndarray, dtype: str) -> np.ndarray:
     return p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress: bool = False) -> str:
+    """The file's sha256, read in 16 MiB blocks (~1-2 GB/s on one core); a progress bar if ``progress``."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+    with open(path, "rb") as f, tqdm(total=os.fstat(f.fileno()).st_size, unit="B", unit_scale=True,
+                                     desc=f"hashing {path.name}", disable=not progress) as bar:
+        for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def map_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed ``.npz`` (``np.savez``) as read-only views of one memory map of the file.
+
+    ``np.load`` cannot map the members of a zip, but ``np.savez`` stores them uncompressed, so each
+    member's ``.npy`` bytes lie whole in the file: after its zip local header (30 bytes, the name and
+    an extra field) and the ``.npy`` header. Nothing is read until used, and what is read is page
+    cache, shared by every process that maps the file. Raises ValueError (or a zip/OS error) on a
+    file that is not such an ``.npz``.
+    """
+    arrays = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while an array uses it
+        for member in archive.infolist():
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"member {member.filename} is compressed")
+            f.seek(member.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"member {member.filename} has no local header")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            f.seek(member.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            if version not in _NPY_HEADERS:
+                raise ValueError(f"member {member.filename} has .npy version {version}")
+            shape, fortran_order, dtype = _NPY_HEADERS[version](f)
+            count, start = int(np.prod(shape)), f.tell()
+            if dtype.hasobject or start + count * dtype.itemsize > len(mapped):
+                raise ValueError(f"member {member.filename} is truncated or holds Python objects")
+            array = np.frombuffer(mapped, dtype=dtype, count=count, offset=start)
+            arrays[member.filename.removesuffix(".npy")] = array.reshape(shape, order="F" if fortran_order else "C")
+    return arrays
+
+
+# Shard file versions whose sha256 this process checked (or wrote): each is hashed once, not on every
+# read. DataLoader workers forked after a check inherit it.
+_verified: set[tuple[str, int, int]] = set()
+
+
+def _file_version(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
@@ -102,7 +155,10 @@ class ChunkPredictions:
 
 @dataclass
 class Shard:
-    """A shard read back, ids unpacked; `chunk(i)` gives chunk i's arrays (i = position in the shard)."""
+    """A shard read back: memory-mapped arrays in their stored dtypes (see the module docstring).
+
+    `chunk(i)` copies chunk i's rows out (i = position in the shard), ids widened to int64.
+    """
 
     chunk_ids: np.ndarray
     token_offsets: np.ndarray
@@ -112,11 +168,16 @@ class Shard:
     token_ce: np.ndarray
     chunk_ce: np.ndarray
     bad: np.ndarray
+    id_dtype: str
 
     def chunk(self, i: int) -> dict:
+        """``tokens`` int64 [n], ``topk_ids`` int64 [n - 1, k], ``topk_logprobs`` float16 [n - 1, k],
+        ``token_ce`` float16 [n - 1], ``chunk_ce`` and ``bad``: in-memory copies (~225 KB at n = 2048, k = 10)."""
         a, b = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
-        return {"tokens": self.tokens[a:b], "topk_ids": self.topk_ids[a - i:b - i - 1],
-                "topk_logprobs": self.topk_logprobs[a - i:b - i - 1], "token_ce": self.token_ce[a - i:b - i - 1],
+        return {"tokens": self.tokens[a:b].astype(np.int64),
+                "topk_ids": unpack_ids(self.topk_ids[a - i:b - i - 1], self.id_dtype),
+                "topk_logprobs": np.array(self.topk_logprobs[a - i:b - i - 1]),
+                "token_ce": np.array(self.token_ce[a - i:b - i - 1]),
                 "chunk_ce": float(self.chunk_ce[i]), "bad": bool(self.bad[i])}
 
 
@@ -226,25 +287,35 @@ class TeacherStore:
         atomic_write(path, lambda f: np.savez(f, **arrays))
         info = {"file": path.name, "sha256": sha256_file(path), "chunks": len(chunks), "tokens": int(lengths.sum()),
                 "bad_chunk_ids": [int(c.chunk_id) for c, b in zip(chunks, bad) if b]}
+        _verified.add(_file_version(path))  # hashed just now: the alignment stage need not hash it again
         atomic_write(self._sidecar(shard), lambda f: f.write(json.dumps(info).encode()))
         return info
 
-    def read_shard(self, shard: int, verify: bool = True) -> Shard:
-        """Shard ``shard``, its checksum verified against the manifest (or sidecar while incomplete)."""
+    def verify_shard(self, shard: int) -> None:
+        """Check the shard's sha256 against the manifest (or its sidecar while incomplete), once per process
+        and file version: hashing reads the whole file (~90 MB per shard of the 7B recipe)."""
         path, sidecar = self.shard_file(shard), self._sidecar(shard)
         if not (path.is_file() and sidecar.is_file()):
             raise FusionError(f"{path} is missing or unfinished; re-run the representations stage to compute it")
         if self._manifest is None:
             self._manifest = self.manifest()
+        version = _file_version(path)
+        if version in _verified:
+            return
         info = self._manifest["shards"].get(f"{shard:05d}") or json.loads(sidecar.read_text())
-        if verify and sha256_file(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise FusionError(f"{path} is corrupted (its sha256 differs from the manifest's); delete it and "
                               f"{sidecar.name} and re-run: only that shard is recomputed")
+        _verified.add(version)
+
+    def read_shard(self, shard: int, verify: bool = True) -> Shard:
+        """Shard ``shard``, memory-mapped; its checksum verified first (`verify_shard`) unless ``verify`` is False."""
+        path = self.shard_file(shard)
+        if verify:
+            self.verify_shard(shard)
         try:
-            with np.load(path) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, KeyError) as err:
-            raise FusionError(f"{path} cannot be read ({err}); delete it and {sidecar.name} and re-run") from None
-        arrays["topk_ids"] = unpack_ids(arrays["topk_ids"], self.id_dtype)
-        arrays["tokens"] = arrays["tokens"].astype(np.int64)
-        return Shard(**arrays)
+            arrays = map_npz(path)
+            return Shard(**{name: arrays[name] for name in _SHARD_ARRAYS}, id_dtype=self.id_dtype)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise FusionError(f"{path} cannot be read ({err}); delete it and {self._sidecar(shard).name} and "
+                              "re-run: only that shard is recomputed") from None

@@ -2,8 +2,9 @@
 
 Documents are tokenized (BOS as the tokenizer adds it), each ended with EOS, concatenated and
 cut into blocks of `block_size` tokens. The blocks are cached on disk, keyed by everything that
-changes them (source, tokenizer, block size, splits), so every run and every rank after the
-first reads them with `load_from_disk` in milliseconds.
+changes them (source, tokenizer, block size, splits) and built by one process while the others
+wait (`fusion.data.cache.build_once`), so every run and every rank after the first reads them with
+`load_from_disk` in milliseconds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fusion.config import DataConfig
+from fusion.data.cache import build_once
 from fusion.data.corpus import embedded_corpus
 from fusion.data.sampling import EpochBatchSampler, ResumableLoader
 from fusion.errors import FusionError
@@ -157,27 +158,24 @@ class TextDataModule(pl.LightningDataModule):
         return root / f"blocks-{digest}"
 
     def prepare_data(self) -> None:
-        """Tokenize and pack once (rank 0 of each node); later runs find the cache."""
-        target = self.cache_path()
-        if (target / "done").exists():
-            return
+        """Tokenize and pack once: one process builds the cache while the others (ranks, runs) wait for it."""
+        build_once(self.cache_path(), lambda folder: (folder / "done").exists(), self._pack_into)
+
+    def _pack_into(self, folder: Path) -> None:
+        """Pack every split into the empty ``folder``; ``done`` is written last."""
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
         train, validation = document_splits(self.config, self.seed)
         for name, docs in {"train": train, **validation}.items():
             if self.config.text_field not in docs.column_names:
                 raise FusionError(f"data.text_field {self.config.text_field!r} is not a column of the {name} split")
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
         for name, docs in {"train": train, **{f"validation-{k}": v for k, v in validation.items()}}.items():
             blocks = pack(docs, tokenizer, self.config.text_field, self.config.block_size,
                           self.config.preprocessing_workers)
             if len(blocks) == 0:
                 raise FusionError(f"data: the {name} split has fewer than data.block_size={self.config.block_size} "
                                   "tokens; lower data.block_size or add text")
-            blocks.save_to_disk(str(staging / name))
-        (staging / "done").write_text(json.dumps({"validation_sets": list(validation)}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+            blocks.save_to_disk(str(folder / name))
+        (folder / "done").write_text(json.dumps({"validation_sets": list(validation)}))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

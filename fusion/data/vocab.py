@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +47,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from fusion.data.cache import atomic_write
 from fusion.errors import FusionError
 
 VOCAB_MAP_VERSION = "1"  # bump when the mapping rules change: it is part of the cache key
@@ -289,13 +288,6 @@ def build_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | Non
                             special=data["special"], n_tokens=int(data["n_tokens"]))
     vmap = compute_vocab_map(teacher_tokenizer, target_tokenizer, rows)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".vocab-map-", suffix=".npz", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:  # written aside, renamed into place: readers never see half a file
-            np.savez(f, ids=vmap.ids, exact=vmap.exact, distance=vmap.distance, special=vmap.special,
-                     n_tokens=np.int64(vmap.n_tokens))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, ids=vmap.ids, exact=vmap.exact, distance=vmap.distance,
+                                          special=vmap.special, n_tokens=np.int64(vmap.n_tokens)))
     return vmap

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion.config import Recipe
-from fusion.data.fused import FusionDataModule
+from fusion.data.fused import FusionDataModule, loader_memory
 from fusion.data.prepare import align_teachers
 from fusion.data.text import load_tokenizer
 from fusion.errors import FusionError
@@ -38,7 +38,8 @@ class FuseLLM(Method):
         return [f"teachers  {teachers}",
                 f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, {chunks}, batch {rep.batch_size}",
                 f"fusion    {f.function} at {f.level} level, {f.alignment} alignment, lambda {f.clm_weight:g} "
-                f"({f.clm_weight_schedule}), temperature {f.temperature:g}"]
+                f"({f.clm_weight_schedule}), temperature {f.temperature:g}",
+                f"loader    {loader_memory(recipe).describe()}"]
 
     def datamodule(self, ctx) -> FusionDataModule:
         r = ctx.recipe

@@ -101,7 +101,7 @@ class Run:
         return self.method.describe_module(self.recipe)
 
     def child(self, label: str, recipe: Recipe, stages: tuple[Stage, ...]) -> Run:
-        """A sub-run of ``stages`` in ``DIR/STAGE/LABEL`` (`fusion.stages.subruns`)."""
+        """A sub-run of ``stages`` in ``DIR/branches/LABEL`` (`fusion.stages.subruns`); sets ``recipe``'s folder."""
         recipe.output_dir = str(self.dir / "branches" / label)
         return Run(recipe, self.extra_callbacks, self.method, stages)
 
@@ -133,6 +133,8 @@ class Run:
     # -- running -----------------------------------------------------------------------------------
     def run(self) -> Run:
         """Run every stage that is not done with its current key, in order."""
+        # Seeded here, not once per process: a branch's results must not depend on the branches before it.
+        pl.seed_everything(self.recipe.seed, workers=True, verbose=False)
         self.claim_folder()
         for stage, key, state in stage_states(self.recipe, self.stages, self.records):
             if state == "done":
@@ -215,5 +217,4 @@ def plan(recipe: Recipe) -> str:
 def run(recipe: Recipe, extra_callbacks: list[pl.Callback] = ()) -> Run:
     """Run (or resume) every unfinished stage of the recipe."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked DataLoader workers otherwise warn
-    pl.seed_everything(recipe.seed, workers=True, verbose=False)
     return Run(recipe, list(extra_callbacks)).run()

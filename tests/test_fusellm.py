@@ -132,15 +132,35 @@ def test_two_process_ddp_sees_every_chunk_exactly_once_per_epoch(fusellm_run, tm
     assert (out / "model" / "model.safetensors").exists()
 
 
-def test_a_fusion_loss_subclass_trains_from_a_recipe(fusellm_run, tmp_path, zoo_dir, cache_dir):
-    out = tmp_path / "rkl"
-    overrides = fusellm_overrides(out, zoo_dir, cache_dir, **{
-        "module_class": "fusion.modules.reverse_kl.ReverseKLFuseLLM", "trainer.max_steps": 4,
-        "trainer.val_every_n_steps": 4, "wandb.mode": "disabled"})
-    result = run_fit("--recipe", "fusellm.yaml", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "module ReverseKLFuseLLM" in result.stdout
-    distill = read_metrics(out / "metrics.jsonl")["train/distill_loss"]
-    assert len(distill) == 4 and all(0 <= v < 100 for v in distill.values())
-    hparams = torch.load(out / "checkpoints" / "final.ckpt", weights_only=True)["hyper_parameters"]
-    assert hparams["fusion"]["function"] == "mince"
+def readme_loss() -> str:
+    """The Python block of the README's "Add a loss" section: the code a user writes."""
+    section = (ROOT / "README.md").read_text().split("## Add a loss", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_loss_trains_with_alpha_from_the_recipe(fusellm_run, tmp_path, zoo_dir, cache_dir):
+    code = readme_loss()
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    (tmp_path / "my_losses.py").write_text(code)
+    distill, outputs = {}, {}
+    for alpha in (0.0, 0.9):
+        out = tmp_path / f"skew{alpha}"
+        overrides = fusellm_overrides(out, zoo_dir, cache_dir, **{
+            "module_class": "my_losses.SkewKL", "module_args.alpha": alpha, "trainer.max_steps": 2,
+            "trainer.val_every_n_steps": 2, "wandb.mode": "disabled"})
+        result = run_fit("--recipe", "fusellm.yaml", *overrides, pythonpath=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"SkewKL(alpha={alpha}): 0.9 x CLM + 0.1 x SkewKL.distillation_loss(" in result.stdout
+        distill[alpha] = read_metrics(out / "metrics.jsonl")["train/distill_loss"][0]
+        outputs[alpha] = out
+    # alpha reached the loss: the same first batch, a smaller skew KL the more teacher is mixed into the student
+    assert 0 < distill[0.9] < distill[0.0]
+    hparams = torch.load(outputs[0.9] / "checkpoints" / "final.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["module"]["class"] == "my_losses.SkewKL" and hparams["module"]["args"] == {"alpha": 0.9}
+    results = json.loads((outputs[0.9] / "results.json").read_text())
+    assert results["module"]["args"] == {"alpha": 0.9} and "SkewKL" in (outputs[0.9] / "results.md").read_text()
+    # a typo or a wrong type in module_args: one line, exit 2, before anything loads
+    for bad, named in (("module_args.alpah=0.2", "module_args.alpah"), ("module_args.alpha=high", "module_args.alpha")):
+        result = run_fit("--recipe", "fusellm.yaml", *overrides, bad, "--dry-run", pythonpath=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr

@@ -101,3 +101,23 @@ def test_fsdp_strategy_finds_the_layer_class():
     strategy = build_strategy(recipe)
     assert isinstance(strategy, FSDPStrategy)
     assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["module_args.alpha=0.2"], "unknown recipe key 'module_args.alpha' for FuseLLMModule"),  # takes none of its own
+    (["module_class=fusion.modules.skew_kl.SkewKLFuseLLM", "module_args.optim=1"], "set by the framework"),
+    (["module_class=fusion.modules.skew_kl.SkewKLFuseLLM", "module_args.alpha=[1]"], "must be float"),
+    (["module_class=fusion.modules.base.CausalLMModule"], "must subclass fusion.modules.fusellm.FuseLLMModule"),
+    (["method=fusechat"], "unknown method 'fusechat'"),
+])
+def test_module_args_and_methods_are_checked_like_every_recipe_key(overrides, message):
+    with pytest.raises(FusionError, match=message):
+        load_recipe("fusellm.yaml", overrides)
+
+
+def test_module_args_are_typed_by_the_constructor():
+    from fusion.methods.registry import get_method
+
+    recipe = load_recipe("fusellm.yaml", ["module_class=fusion.modules.skew_kl.SkewKLFuseLLM", "module_args.alpha=1"])
+    assert get_method("fusellm").module_args(recipe) == {"alpha": 1.0}  # an int where a float is due, as elsewhere
+    assert isinstance(get_method("fusellm").module_args(recipe)["alpha"], float)

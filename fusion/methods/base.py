@@ -13,8 +13,6 @@ from fusion.errors import FusionError
 from fusion.schema import convert
 from fusion.stages.base import Stage
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
 
 def model_dtype(recipe: Recipe) -> str:
     """`model.dtype` with `auto` resolved: bf16 weights under bf16-true precision, else float32."""

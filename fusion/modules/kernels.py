@@ -10,6 +10,8 @@ reference (and the path on CPUs and where Triton is missing); the tests compare 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -23,8 +25,6 @@ _BLOCK = 4096  # columns per step of a row's loop: 8 warps x 32 threads x 16 ele
 
 def available(tensor: torch.Tensor) -> bool:
     """Whether the kernel can run on ``tensor``: a CUDA tensor (or Triton's CPU interpreter), Triton installed."""
-    import os
-
     return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 

@@ -226,7 +226,7 @@ class _ChunkedVocabLoss(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += g.T @ h
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
         ctx.mark_non_differentiable(nll_sum, distill_sum)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

@@ -1,7 +1,7 @@
 """A stage that fans out into sub-runs: the same stages run once per branch, each in a folder of its own.
 
 FuseChat trains one pair (pivot + one source) per source, then merges the results; a sweep trains
-one model per setting. Each branch is a full run of its own (``RUN/STAGE/LABEL/``: its recipe.yaml,
+one model per setting. Each branch is a full run of its own (``RUN/branches/LABEL/``: its recipe.yaml,
 stages/, checkpoints/, metrics and W&B run), so it resumes on its own, and adding a branch to a
 recipe runs only that branch. The stage's record lists every branch's records.
 """
@@ -17,8 +17,9 @@ from fusion.stages.base import Stage
 class SubRuns(Stage):
     """Run ``stages`` once per branch; ``branches(recipe)`` gives each branch's label and recipe.
 
-    A branch's recipe gets its own ``output_dir`` (``RUN/NAME/LABEL``); everything else is as the
-    method's ``branches`` function sets it (e.g. a different teacher or seed).
+    A branch's recipe gets its own ``output_dir`` (``RUN/branches/LABEL``); everything else is as the
+    method's ``branches`` function sets it (e.g. a different teacher or seed). Each branch is seeded
+    with its recipe's seed, so it computes the same whichever branches ran before it.
     """
 
     stages: tuple[Stage, ...] = ()

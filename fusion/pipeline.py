@@ -211,6 +211,8 @@ def plan(recipe: Recipe) -> str:
     records = read_records(recipe.run_dir)
     for i, (stage, key, state) in enumerate(stage_states(recipe, method.stages, records), 1):
         lines.append(f"  {i}. {stage.name:<16} {key}  {state:<5}  {stage.describe(recipe)}")
+        if stage.outputs:
+            lines.append(f"     {'':<16} {'':<12}  {'':<5}  -> {', '.join(stage.outputs)}")
     return "\n".join(lines)
 
 

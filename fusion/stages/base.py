@@ -78,6 +78,7 @@ class Stage:
         name: the stage's name, unique in its method; its record is ``stages/NAME.json``.
         needs: the stages whose records `run` reads (they run first; their keys are part of this key).
         config: the dotted recipe keys (or whole sections) its result depends on.
+        outputs: what it writes: paths in the run folder, or a shared store by name.
         version: bump when the stage computes something different from the same inputs.
         summary: one line for the `--dry-run` plan.
     """
@@ -85,6 +86,7 @@ class Stage:
     name: str = ""
     needs: tuple[str, ...] = ()
     config: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
     version: int = 1
     summary: str = ""
 

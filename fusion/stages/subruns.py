@@ -24,6 +24,7 @@ class SubRuns(Stage):
 
     stages: tuple[Stage, ...] = ()
     branches: Callable[[Recipe], dict[str, Recipe]] | None = None
+    outputs = ("branches/LABEL/ (one run folder per branch)",)
 
     def describe(self, recipe: Recipe) -> str:
         labels = ", ".join(self.branches(recipe)) if self.branches else "none"

@@ -26,7 +26,8 @@ REPRESENTATIONS = ("model.path", "model.tokenizer", "model.trust_remote_code", "
 class Representations(Stage):
     name = "representations"
     config = REPRESENTATIONS
-    summary = "cut the corpus into text chunks; run every teacher over them; store its top-k (shared cache)"
+    outputs = ("chunk set and teacher shards (shared store: representations.dir)",)
+    summary = "cut the corpus into text chunks; run every teacher over them; store its top-k"
 
     def run(self, ctx) -> dict:
         r = ctx.recipe
@@ -39,6 +40,7 @@ class Alignment(Stage):
     name = "alignment"
     needs = ("representations",)
     config = ("fusion.alignment",)
+    outputs = ("vocabulary maps and alignments (shared store)",)
     summary = "map each teacher's vocabulary and tokens onto the target's (shared cache)"
 
     def describe(self, recipe) -> str:

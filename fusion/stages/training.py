@@ -43,6 +43,7 @@ def validate(ctx, model_path: str, prefix: str, step: int) -> dict:
 class Baseline(Stage):
     name = "baseline"
     config = EVALUATION
+    outputs = ("metrics.jsonl",)
     summary = "validation perplexity of the model before training"
 
     def run(self, ctx) -> dict:
@@ -52,7 +53,8 @@ class Baseline(Stage):
 class Train(Stage):
     name = "train"
     config = TRAINING
-    summary = "Lightning fit, resumable from checkpoints/last.ckpt; ends with checkpoints/final.ckpt"
+    outputs = ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "metrics.jsonl", "wandb/")
+    summary = "Lightning fit, resumable at the exact batch from its last checkpoint"
 
     def run(self, ctx) -> dict:
         trainer = build_trainer(ctx.recipe, ctx.dir, ctx.loggers(), callbacks=ctx.extra_callbacks)
@@ -72,7 +74,8 @@ class Export(Stage):
     name = "export"
     needs = ("train",)
     config = ("model",)
-    summary = "final.ckpt -> model/, a Hugging Face folder (from_pretrained)"
+    outputs = ("model/",)
+    summary = "the final weights as a Hugging Face folder (from_pretrained)"
 
     def run(self, ctx) -> dict:
         out = ctx.dir / "model"
@@ -88,7 +91,8 @@ class Evaluate(Stage):
     name = "evaluate"
     needs = ("baseline", "train", "export")
     config = EVALUATION
-    summary = "reload model/, validation perplexity before/after, a sample; results.md, curves.png"
+    outputs = ("results.json", "results.md", "curves.png")
+    summary = "reload the export; validation perplexity before and after; a generated sample"
 
     def run(self, ctx) -> dict:
         before, exported = ctx.record("baseline"), ctx.record("export")["path"]

@@ -23,7 +23,7 @@ from fusion.errors import FusionError
 from fusion.loggers import JsonlLogger, build_wandb_logger, wandb_mode
 from fusion.methods.base import Method, model_dtype
 from fusion.methods.registry import get_method
-from fusion.stages.base import NOT_COMPUTED, Stage, _flatten
+from fusion.stages.base import NOT_COMPUTED, Stage, flatten, within
 from fusion.zoo import resolve_model
 
 
@@ -111,11 +111,10 @@ class Run:
         resolved = to_dict(self.recipe)
         saved_file = self.dir / "recipe.yaml"
         if saved_file.exists():
-            saved = _flatten(yaml.safe_load(saved_file.read_text()))
-            for key, value in _flatten(resolved).items():
+            saved = flatten(yaml.safe_load(saved_file.read_text()))
+            for key, value in flatten(resolved).items():
                 # a key missing from the saved recipe did not exist when it was written: not a difference
-                changeable = any(key == k or key.startswith(k + ".") for k in NOT_COMPUTED)
-                if not changeable and key in saved and saved[key] != value:
+                if not within(key, NOT_COMPUTED) and key in saved and saved[key] != value:
                     raise FusionError(
                         f"{self.dir} holds a run of a different recipe ({key}: {saved.get(key)!r} there, "
                         f"{value!r} now); resume with the same recipe, or start anew with output_dir=runs/NEW_NAME")

@@ -33,17 +33,20 @@ NOT_COMPUTED = ("name", "output_dir", "source_file", "wandb", "data.num_workers"
 
 def recipe_slice(recipe: Recipe, keys: tuple[str, ...]) -> dict[str, Any]:
     """The values of dotted recipe ``keys`` (sections or single fields), ``NOT_COMPUTED`` ones dropped."""
-    flat = _flatten(to_dict(recipe))
-    return {k: v for k, v in flat.items()
-            if any(k == key or k.startswith(key + ".") for key in keys)
-            and not any(k == skip or k.startswith(skip + ".") for skip in NOT_COMPUTED)}
+    return {k: v for k, v in flatten(to_dict(recipe)).items() if within(k, keys) and not within(k, NOT_COMPUTED)}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def within(key: str, sections: tuple[str, ...]) -> bool:
+    """Whether the dotted ``key`` is one of ``sections`` or lies inside one (``optim.lr`` in ``optim``)."""
+    return any(key == s or key.startswith(s + ".") for s in sections)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{dotted.key: value}`` (an empty mapping stays one value)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

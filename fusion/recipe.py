@@ -11,6 +11,7 @@ A recipe NAME that is not a path is looked up in the shipped `recipes/` folder.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from fusion.config import Recipe
-from fusion.errors import FusionError
+from fusion.errors import FusionError, first_line
 from fusion.methods.registry import get_method
 from fusion.schema import build
 
@@ -53,7 +54,7 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise FusionError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+        raise FusionError(f"{path}: not valid YAML ({first_line(err)}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise FusionError(f"{path}: a recipe must be a mapping of keys to values")
     for text in overrides:
@@ -67,8 +68,30 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
     raw.setdefault("name", path.stem)
     recipe = build(Recipe, raw, "")
     recipe.source_file = str(path)
+    normalise_paths(recipe)
     check(recipe)
     return recipe
+
+
+def _absolute(value: str | None, always: bool) -> str | None:
+    """``value`` as an absolute path if it is a local one (``always``: a folder that may not exist yet);
+    hub ids, ``zoo:`` names and ``embedded`` stay as written."""
+    if value is None or value.startswith("zoo:") or value == "embedded":
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if always or path.exists() else value
+
+
+def normalise_paths(recipe: Recipe) -> None:
+    """Local paths made absolute, so that ``runs/x``, ``./runs/x`` and ``~/fusion/runs/x`` are one recipe
+    (a resume compares them) and one stage key."""
+    recipe.output_dir = _absolute(recipe.output_dir, always=True)
+    for section, key in (("data", "cache_dir"), ("representations", "dir"), ("zoo", "dir")):
+        setattr(getattr(recipe, section), key, _absolute(getattr(getattr(recipe, section), key), always=True))
+    for holder in (recipe.model, *recipe.teachers):
+        holder.path = _absolute(holder.path, always=False)
+        holder.tokenizer = _absolute(holder.tokenizer, always=False)
+    recipe.data.source = _absolute(recipe.data.source, always=False)
 
 
 # --- cross-field checks ---------------------------------------------------------------------------
@@ -127,8 +150,15 @@ def check(recipe: Recipe) -> None:
         _fail("trainer.devices", f"must be a number of devices or 'auto', got {t.devices!r}")
     if not 0 < d.validation_fraction < 1:
         _fail("data.validation_fraction", f"must be between 0 and 1, got {d.validation_fraction}")
-    if o.lr <= 0:
-        _fail("optim.lr", f"must be positive, got {o.lr}")
+    if d.max_validation_blocks is not None and d.max_validation_blocks < 1:
+        _fail("data.max_validation_blocks", f"must be at least 1 or null (no cap), got {d.max_validation_blocks}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        _fail("optim.lr", f"must be a finite positive number, got {o.lr}")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.eps", o.eps),
+                       ("trainer.gradient_clip_val", t.gradient_clip_val)):
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            _fail(key, f"must be a finite number at least 0{' or null' if key.startswith('trainer') else ''}, "
+                       f"got {value}")
     if not 0 <= o.warmup_ratio < 1:
         _fail("optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     if not 0 <= o.min_lr_ratio <= 1:

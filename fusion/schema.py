@@ -1,14 +1,16 @@
 """YAML values checked against the recipe's dataclasses and type annotations, with one-line errors.
 
 `build` turns a mapping into a dataclass, refusing unknown keys and wrong types; `convert` checks one
-value against one annotation (lightly coercing int -> float, list -> tuple). The recipe loader uses
-them for every section, and `fusion.methods` for a module class's ``module_args``, so a mistake in
-either reads the same: the dotted key, what it must be, and the fix.
+value against one annotation (lightly coercing int -> float, list -> tuple), refusing NaN and infinity,
+which no setting means. The recipe loader uses them for every section, and `fusion.methods` for a
+module class's ``module_args``, so a mistake in either reads the same: the dotted key, what it must
+be, and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -51,6 +53,8 @@ def convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # nothing in a recipe means infinity or NaN
+        raise FusionError(f"recipe key {key!r} must be a finite number, got {value!r}: fix its value")
     if dataclasses.is_dataclass(tp):
         return build(tp, {} if value is None else value, f"{key}.")
     if origin in (Union, types.UnionType):
@@ -81,7 +85,7 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
+            return convert(tp, float(value), key)  # YAML 1.1 reads 3e-3 (no dot) as a string; 1e999 is inf
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

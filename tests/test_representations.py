@@ -17,14 +17,15 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import fusion.data.cache as cache
 import fusion.data.representations as representations
 from fusion.config import Recipe
+from fusion.data.cache import file_sha256
 from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.prepare import open_teacher_store, prepare_chunks
 from fusion.data.representations import (
     ShardWriter,
     extract,
-    file_sha256,
     model_fingerprint,
     safetensors_header,
     shard_bytes_per_token,
@@ -249,8 +250,8 @@ def test_a_fine_tuned_copy_with_the_same_file_sizes_gets_new_representations(zoo
 def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))
     hashed = []
-    hash_file = representations.sha256_file
-    monkeypatch.setattr(representations, "sha256_file", lambda path, **kw: hashed.append(path) or hash_file(path, **kw))
+    hash_file = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda path, **kw: hashed.append(path) or hash_file(path, **kw))
     weights = tmp_path / "model" / "model.bin"
     weights.parent.mkdir()
     weights.write_bytes(b"\x00" * 1000)

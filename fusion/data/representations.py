@@ -33,15 +33,14 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusion.config import TeacherConfig
-from fusion.data.cache import atomic_write, locked
+from fusion.data.cache import cache_root, file_sha256
 from fusion.data.chunks import sequence_ids
-from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype, sha256_file
-from fusion.data.text import cache_root, load_tokenizer, tokenizer_fingerprint
-from fusion.errors import FusionError
+from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
+from fusion.data.text import load_tokenizer, tokenizer_fingerprint
+from fusion.errors import FusionError, first_line
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-_PROGRESS_BYTES = 1 << 30  # a progress bar while hashing files above 1 GiB (a 7B model: ~14 GB, 8-30 s)
 
 
 def default_store_dir() -> Path:
@@ -82,29 +81,6 @@ def safetensors_header(file: Path) -> bytes:
         return f.read(length)
 
 
-def file_sha256(file: Path) -> str:
-    """The sha256 of a file's bytes, computed once per file version.
-
-    Hashing reads the whole file (a 7B model's 14 GB: ~8 s at sha256's ~1.8 GB/s with SHA-NI, more from
-    a cold disk), so the result is kept in ``<cache root>/file-hashes.json`` by absolute path, size and
-    mtime (rewriting a file changes its mtime). One process hashes while the others (the ranks of a run)
-    wait on a lock, then read it.
-    """
-    file = file.resolve()
-    stat = file.stat()
-    index = cache_root() / "file-hashes.json"
-    with locked(index):
-        known = json.loads(index.read_text()) if index.is_file() else {}
-        entry = known.get(str(file), {})
-        if (entry.get("size"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
-            return entry["sha256"]
-        sha = sha256_file(file, progress=stat.st_size > _PROGRESS_BYTES)
-        known = {name: e for name, e in known.items() if Path(name).exists()}  # forget deleted files
-        known[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
-        atomic_write(index, lambda f: f.write(json.dumps(known, indent=1).encode()))
-    return sha
-
-
 def hub_commit(repo_id: str) -> str:
     """The commit a hub id stands for: asked of the hub; offline (``HF_HUB_OFFLINE=1``, or the hub cannot be
     reached) the commit of ``main`` in the local Hugging Face cache, which is what `from_pretrained` loads then."""
@@ -117,7 +93,7 @@ def hub_commit(repo_id: str) -> str:
                 return sha
             reason = "the hub gave no commit"
         except Exception as err:  # no network, a proxy, a gated or unknown repo, a bad id: try the cache
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
     try:
         cached = try_to_load_from_cache(repo_id, "config.json")
     except ValueError:  # not a valid hub id (a local path that does not exist)
@@ -134,7 +110,7 @@ def vocab_rows(model_path: str, trust_remote_code: bool = False) -> int:
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise FusionError(f"cannot read the config of {model_path!r}: {str(err).splitlines()[0]}") from None
+        raise FusionError(f"cannot read the config of {model_path!r}: {first_line(err)}") from None
     return int(config.get_text_config().vocab_size)
 
 
@@ -173,7 +149,7 @@ class TeacherModule(pl.LightningModule):
                 self.model_path, dtype=_DTYPES[self.dtype_name], trust_remote_code=self.trust_remote_code,
                 attn_implementation=self.attn_implementation, **extra)
         except (OSError, ValueError, ImportError) as err:
-            raise FusionError(f"cannot load teacher {self.model_path!r}: {str(err).splitlines()[0]}") from None
+            raise FusionError(f"cannot load teacher {self.model_path!r}: {first_line(err)}") from None
         if self.quantization == "none":
             model.to(device)
         model.eval()
@@ -283,7 +259,11 @@ def extract(teacher: TeacherConfig, model_path: str, tokenizer_path: str, chunks
     if not any(isinstance(c, ShardWriter) and c.store is store for c in trainer.callbacks):
         raise ValueError("the trainer needs a ShardWriter(store) callback")
     store.open()
-    missing = [s for s in store.missing_shards() if shards is None or s in set(shards)]
+    unusable = store.unusable_shards(list(range(store.n_shards)) if shards is None else shards)
+    missing = sorted(unusable)
+    corrupt = [s for s, why in unusable.items() if why == "corrupt"]
+    if corrupt and trainer.is_global_zero:
+        print(f"[fusion] teacher {teacher.label}: shards {corrupt} fail their sha256 check: recomputing them")
     if not missing:
         return store.finalize()
     tokenizer = load_tokenizer(tokenizer_path, teacher.trust_remote_code)

@@ -2,38 +2,41 @@
 
 Documents are tokenized (BOS as the tokenizer adds it), each ended with EOS, concatenated and
 cut into blocks of `block_size` tokens. The blocks are cached on disk, keyed by everything that
-changes them (source, tokenizer, block size, splits) and built by one process while the others
+changes them (the source's content, tokenizer, block size, splits) and built by one process while the others
 wait (`fusion.data.cache.build_once`), so every run and every rank after the first reads them with
 `load_from_disk` in milliseconds.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import sys
+import time
+from functools import cache
 from pathlib import Path
 
 import datasets
 import lightning.pytorch as pl
+from huggingface_hub import HfApi, constants
+from huggingface_hub.file_download import repo_folder_name
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fusion.config import DataConfig
-from fusion.data.cache import build_once
+from fusion.data.cache import build_once, cache_root, file_sha256, sha256_file
 from fusion.data.corpus import embedded_corpus
 from fusion.data.sampling import EpochBatchSampler, ResumableLoader
-from fusion.errors import FusionError
+from fusion.errors import FusionError, first_line
 
 # Bump when the packing below changes, so stale caches are not reused.
 _PACKING_VERSION = 1
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def cache_root() -> Path:
-    """Where fusion caches what it computes: ``$FUSION_CACHE``, else ``~/.cache/fusion``."""
-    return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion"))
+# File times advance in coarse ticks: a file written this recently may be rewritten with the same size and
+# time, which the per-version hash cache (`file_sha256`) would not notice, so such files are hashed afresh.
+_RECENT_NS = 2_000_000_000
 
 
 def default_cache_dir() -> Path:
@@ -45,7 +48,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise FusionError(f"cannot load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from None
+        raise FusionError(f"cannot load a tokenizer from {path!r}: {first_line(err)}") from None
     if tokenizer.eos_token_id is None:
         raise FusionError(f"the tokenizer of {path!r} has no EOS token, which packing needs to separate documents")
     if tokenizer.pad_token_id is None:
@@ -61,26 +64,126 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((content + specials).encode()).hexdigest()[:16]
 
 
+def _is_saved_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files of a local `data.source` that `_load_source` reads: every file of a `save_to_disk` folder,
+    else the files of a known kind (`_FILE_BUILDERS`) in the file or folder, in sorted order."""
+    if _is_saved_folder(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(p for p in ([path] if path.is_file() else path.rglob("*"))
+                  if p.suffix in _FILE_BUILDERS and p.is_file())
+
+
+def _content_sha256(file: Path) -> str:
+    """The sha256 of a data file: `file_sha256` (cached per file version), or hashed afresh if just written."""
+    if time.time_ns() - file.stat().st_mtime_ns < _RECENT_NS:
+        return sha256_file(file)
+    return file_sha256(file)
+
+
+def source_fingerprint(config: DataConfig) -> str:
+    """What the documents of `data.source` are, for the keys of every cache built from them.
+
+    Local data is keyed by content: per file `_load_source` reads (`data_files`), its name relative to
+    the source, its size and its sha256, so a changed file gets new blocks and chunks while a moved or
+    copied one reuses them. A hub dataset is ``hub:<id>@<commit>`` (`hub_dataset_revision`). The embedded
+    corpus is ``embedded``; the callers add the Python version, which decides its content.
+    """
+    if config.source == "embedded":
+        return "embedded"
+    path = Path(config.source).expanduser()
+    if not path.exists():
+        return hub_dataset_revision(config.source)
+    digest = hashlib.sha256()
+    for file in data_files(path):
+        entry = [file.relative_to(path).as_posix(), file.stat().st_size, _content_sha256(file)]
+        digest.update(json.dumps(entry).encode())
+    return digest.hexdigest()[:16]
+
+
+def _offline() -> bool:
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return constants.HF_HUB_OFFLINE or any(os.environ.get(n, "").upper() in ("1", "ON", "YES", "TRUE") for n in names)
+
+
+@cache  # once per process: every rank and stage of a run keys the same revision
+def hub_dataset_revision(repo_id: str) -> str:
+    """``hub:<id>@<commit>`` of a hub dataset: asked of the hub; offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE,
+    or no network) the commit of ``main`` in the local Hugging Face cache, which is what `load_dataset` reads
+    then; else ``hub:<id>``, with a warning that changes on the hub will go unnoticed."""
+    reason = "offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) is set"
+    if not _offline():
+        try:
+            sha = HfApi().dataset_info(repo_id, timeout=10).sha
+            if sha:
+                return f"hub:{repo_id}@{sha}"
+            reason = "the hub gave no commit"
+        except Exception as err:  # no network, a proxy, a gated or unknown repo, a bad id: try the cache
+            reason = first_line(err)
+    try:
+        ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs" / "main"
+        commit = ref.read_text().strip() if ref.is_file() else ""
+    except (OSError, ValueError):
+        commit = ""
+    if commit:
+        return f"hub:{repo_id}@{commit}"
+    print(f"warning: data.source {repo_id!r}: its hub commit is unknown ({reason}); its cached blocks and chunks "
+          "are keyed by its name only, so changes to it on the hub will not be noticed", file=sys.stderr)
+    return f"hub:{repo_id}"
+
+
+def _scan_text_file(file: Path) -> bool:
+    """Whether a text data file holds anything but whitespace; a FusionError if it is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text, lines = False, 0
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                data = pending + block
+                line = lines + data[:err.start].count(b"\n") + 1
+                raise FusionError(f"data.source: {file} is not UTF-8 text (byte 0x{data[err.start]:02x} on line "
+                                  f"{line}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            lines += block.count(b"\n")
+            has_text = has_text or bool(block.strip())
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise FusionError(f"data.source: {file} is not UTF-8 text (it ends inside a character); "
+                          "re-save it as UTF-8") from None
+    return has_text
+
+
 def _load_source(config: DataConfig) -> datasets.DatasetDict | datasets.Dataset:
     """The dataset behind `data.source`: a `save_to_disk` folder, local files, or a hub id."""
     path = Path(config.source).expanduser()
     try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        if _is_saved_folder(path):
             return datasets.load_from_disk(str(path))
         if path.exists():
-            files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.suffix in _FILE_BUILDERS)
+            files = data_files(path)
             builders = {_FILE_BUILDERS[p.suffix] for p in files}
             if len(builders) != 1:
                 raise FusionError(f"data.source {config.source!r}: expected files of one kind among "
                                   f"{', '.join(_FILE_BUILDERS)}, found {sorted(builders) or 'none'}")
             (builder,) = builders
+            if builder != "parquet":  # checked here: the loaders fail midway, or later, without naming the file
+                files = [p for p in files if _scan_text_file(p)]
+                if not files:
+                    raise FusionError(f"data.source {config.source!r} holds no documents (its files are empty); "
+                                      f"add text, e.g. one JSON object with a {config.text_field!r} field per line")
             extra = {"sample_by": "document"} if builder == "text" else {}
             return datasets.load_dataset(builder, data_files=[str(p) for p in files], **extra)
         return datasets.load_dataset(config.source, config.subset)
     except FusionError:
         raise
     except Exception as err:  # datasets raises many types; all mean "this source cannot be read"
-        raise FusionError(f"data.source {config.source!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+        raise FusionError(f"data.source {config.source!r} cannot be loaded: {first_line(err)}") from None
 
 
 def document_splits(config: DataConfig, seed: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
@@ -99,9 +202,19 @@ def document_splits(config: DataConfig, seed: int) -> tuple[datasets.Dataset, di
     if config.text_field not in train.column_names:
         raise FusionError(f"data.text_field {config.text_field!r} is not a column of {config.source!r}; "
                           f"its columns are {train.column_names}")
+    if len(train) == 0:
+        raise FusionError(f"data.source {config.source!r}: its {config.train_split!r} split holds no documents; "
+                          "add some")
     if config.validation_split and config.validation_split in loaded:
         return train, {"all": loaded[config.validation_split]}
-    held_out = train.train_test_split(test_size=config.validation_fraction, seed=seed)
+    try:
+        held_out = train.train_test_split(test_size=config.validation_fraction, seed=seed)
+    except ValueError:  # too few documents to leave some for training
+        raise FusionError(
+            f"data.source {config.source!r} has {len(train)} document(s): too few to hold out "
+            f"data.validation_fraction={config.validation_fraction} of them for validation and train on the rest; "
+            "split the text into more documents (records), or use data with a validation split "
+            "(data.validation_split)") from None
     return held_out["train"], {"all": held_out["test"]}
 
 
@@ -145,8 +258,7 @@ class TextDataModule(pl.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
         c = self.config
         key = {
-            "source": c.source if c.source == "embedded" else str(Path(c.source).expanduser().resolve())
-            if Path(c.source).expanduser().exists() else c.source,
+            "source": source_fingerprint(c),
             "python": list(sys.version_info[:3]) if c.source == "embedded" else None,
             "subset": c.subset, "domains": c.domains, "text_field": c.text_field, "train_split": c.train_split,
             "validation_split": c.validation_split, "validation_fraction": c.validation_fraction,

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from fusion.config import OptimConfig
-from fusion.errors import FusionError
+from fusion.errors import FusionError, first_line
 from fusion.modules.losses import IGNORE_INDEX, LossParts, next_token_targets, vocab_loss
 from fusion.modules.metrics import TokenPerplexity
 from fusion.modules.optim import build_optimizer
@@ -67,7 +67,7 @@ class CausalLMModule(pl.LightningModule):
                 self.model_path, dtype=_DTYPES[h.dtype], attn_implementation=h.attn_implementation,
                 trust_remote_code=h.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise FusionError(f"cannot load model {self.model_path!r}: {str(err).splitlines()[0]}") from None
+            raise FusionError(f"cannot load model {self.model_path!r}: {first_line(err)}") from None
         if h.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False  # the KV cache only helps generation and costs memory here

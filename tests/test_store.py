@@ -113,7 +113,7 @@ def test_a_shard_is_hashed_once_per_process_and_file_version(tmp_path, hashed):
     data[len(data) // 2] ^= 0xFF  # same size, one bit pattern changed
     path.write_bytes(bytes(data))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
-    with pytest.raises(FusionError, match=r"shard-00000.npz is corrupted .* delete it and shard-00000.json"):
+    with pytest.raises(FusionError, match=r"shard-00000.npz is corrupted .* run the same command again"):
         store.read_shard(0)
 
 
@@ -139,15 +139,15 @@ def test_a_truncated_or_foreign_shard_is_one_clear_error(tmp_path, hashed):
     write_all(store, 1000)
     path = store.shard_file(1)
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-    with pytest.raises(FusionError, match=r"shard-00001.npz is corrupted .* re-run"):
+    with pytest.raises(FusionError, match=r"shard-00001.npz is corrupted .* recomputes only the bad ones"):
         store.read_shard(1)
-    with pytest.raises(FusionError, match=r"shard-00001.npz cannot be read .* delete it and shard-00001.json"):
+    with pytest.raises(FusionError, match=r"shard-00001.npz cannot be read .* run the same command again"):
         store.read_shard(1, verify=False)
     path.write_bytes(b"not a zip file at all")
     with pytest.raises(FusionError, match=r"shard-00001.npz cannot be read"):
         store.read_shard(1, verify=False)
     store.shard_file(0).unlink()
-    with pytest.raises(FusionError, match=r"shard-00000.npz is missing or unfinished; re-run"):
+    with pytest.raises(FusionError, match=r"shard-00000.npz is missing or unfinished; run the same command again"):
         store.read_shard(0)
 
 

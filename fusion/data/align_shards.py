@@ -71,7 +71,7 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
     """
     folder = alignment_folder(store, mode, target_fingerprint, vocab_ids)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in shards[rank::world_size] if not (folder / f"shard-{s:05d}.npz").exists()]
+    todo = [s for s in shards[rank::world_size] if not readable(folder, s)]
     if todo:
         args = (store, target_table, teacher_table, mode, vocab_ids, chunk_folder, folder)
         progress = tqdm(total=len(todo), desc=f"aligning {label} ({mode})", unit="shard")
@@ -93,6 +93,19 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
     return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1), "folder": str(folder)}
 
 
+def readable(folder: Path, shard: int) -> bool:
+    """Whether the shard's alignment file exists and opens (a truncated or damaged one is aligned again)."""
+    path = folder / f"shard-{shard:05d}.npz"
+    if not path.exists():
+        return False
+    try:
+        read_alignment(folder, shard)
+    except FusionError:
+        print(f"[fusion] {path} cannot be read: aligning that shard again")
+        return False
+    return True
+
+
 def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
     """``(src, offsets)`` of one shard, memory-mapped: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``."""
     path = folder / f"shard-{shard:05d}.npz"
@@ -100,5 +113,5 @@ def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
         arrays = map_npz(path)
         return arrays["src"], arrays["offsets"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise FusionError(f"{path} cannot be read ({err}); delete it and re-run: only that shard is aligned "
-                          "again") from None
+        raise FusionError(f"{path} cannot be read ({err}); run the same command again: damaged alignment files "
+                          "are aligned again") from None

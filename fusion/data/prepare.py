@@ -38,6 +38,7 @@ from fusion.data.representations import (
 from fusion.data.store import TeacherStore
 from fusion.data.text import document_splits, load_tokenizer, tokenizer_fingerprint
 from fusion.data.vocab import build_vocab_map
+from fusion.errors import FusionError
 from fusion.zoo import resolve_model
 
 
@@ -51,12 +52,12 @@ def store_root(recipe: Recipe) -> Path:
 
 
 def corpus_key(recipe: Recipe) -> str:
-    """What the training documents depend on (their content is also in the chunking fingerprint)."""
+    """What the training documents depend on: the source's content (`source_fingerprint`) and how it is split."""
+    from fusion.data.text import source_fingerprint
+
     d = recipe.data
-    source = d.source
-    if source != "embedded" and Path(source).expanduser().exists():
-        source = str(Path(source).expanduser().resolve())
-    key = {"source": source, "subset": d.subset, "domains": d.domains if d.source == "embedded" else None,
+    key = {"source": source_fingerprint(d), "subset": d.subset,
+           "domains": d.domains if d.source == "embedded" else None,
            "python": list(sys.version_info[:2]) if d.source == "embedded" else None, "text_field": d.text_field,
            "train_split": d.train_split, "validation_split": d.validation_split,
            "validation_fraction": d.validation_fraction, "seed": recipe.seed}
@@ -113,6 +114,34 @@ def open_teacher_store(recipe: Recipe, teacher: TeacherConfig, info: dict, gpu: 
     return teacher_store(teacher, identity, store_root(recipe), info["chunks"], recipe.representations.chunks_per_shard)
 
 
+def teacher_stores(recipe: Recipe, info: dict) -> list[TeacherStore]:
+    """Every teacher's store, after checking what would fail only midway: ``representations.top_k`` against
+    each teacher's vocabulary."""
+    gpu = uses_gpu(recipe)
+    stores = [open_teacher_store(recipe, teacher, info, gpu) for teacher in recipe.teachers]
+    for i, (teacher, store) in enumerate(zip(recipe.teachers, stores)):
+        if recipe.representations.top_k > store.identity["vocab_rows"]:
+            raise FusionError(f"recipe key 'representations.top_k': {recipe.representations.top_k} is more than the "
+                              f"{store.identity['vocab_rows']} tokens of teacher {teacher.label!r} (teachers[{i}]); "
+                              "lower it (FuseLLM uses 10)")
+    return stores
+
+
+def store_problems(recipe: Recipe, info: dict) -> list[str]:
+    """What a re-run must repair in the teachers' stores: a manifest or a used shard missing, a shard failing
+    its sha256 (`TeacherStore.unusable_shards`). A manifest that cannot be read is a `FusionError`."""
+    limit, problems = used_chunks(recipe, info), []
+    how = {"missing": "is missing", "corrupt": "fails its sha256 check"}
+    for teacher, store in zip(recipe.teachers, teacher_stores(recipe, info)):
+        if not (store.folder / "manifest.json").is_file():
+            problems.append(f"teacher {teacher.label}: {store.folder / 'manifest.json'} is missing")
+            continue
+        store.manifest()
+        bad = store.unusable_shards(list(range(-(-limit // store.chunks_per_shard))))
+        problems += [f"teacher {teacher.label}: shard {shard} {how[why]}" for shard, why in bad.items()]
+    return problems
+
+
 def extract_teachers(recipe: Recipe, chunks, info: dict, build_trainer) -> dict:
     """Compute every teacher's missing shards; ``build_trainer(callbacks)`` makes the predict Trainer.
 
@@ -120,9 +149,8 @@ def extract_teachers(recipe: Recipe, chunks, info: dict, build_trainer) -> dict:
     """
     result = {}
     limit = used_chunks(recipe, info)
-    gpu = uses_gpu(recipe)
-    for teacher in recipe.teachers:
-        store = open_teacher_store(recipe, teacher, info, gpu)
+    stores = teacher_stores(recipe, info)  # every teacher checked before any is run
+    for teacher, store in zip(recipe.teachers, stores):
         shards = list(range(-(-limit // store.chunks_per_shard)))
         trainer = build_trainer([ShardWriter(store)])
         model_path, tokenizer_path = _teacher_paths(recipe, teacher)

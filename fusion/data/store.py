@@ -35,19 +35,16 @@ and the checksum matches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
-import os
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from fusion.data.cache import atomic_write
+from fusion.data.cache import atomic_write, read_json, remove_dead_staging, sha256_file
 from fusion.errors import FusionError
 
 STORE_FORMAT = 1
@@ -79,17 +76,6 @@ def unpack_ids(packed: np.ndarray, dtype: str) -> np.ndarray:
         return packed.astype(np.int64)
     p = packed.astype(np.int64)
     return p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
-
-
-def sha256_file(path: Path, progress: bool = False) -> str:
-    """The file's sha256, read in 16 MiB blocks (~1-2 GB/s on one core); a progress bar if ``progress``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=os.fstat(f.fileno()).st_size, unit="B", unit_scale=True,
-                                     desc=f"hashing {path.name}", disable=not progress) as bar:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -127,6 +113,10 @@ def map_npz(path: Path) -> dict[str, np.ndarray]:
             arrays[member.filename.removesuffix(".npy")] = array.reshape(shape, order="F" if fortran_order else "C")
     return arrays
 
+
+# The advice for a damaged store: a re-run checks every shard it uses and recomputes the bad ones.
+_RERUN = "run the same command again: the representations stage checks every shard and recomputes only the bad ones"
+_MANIFEST_FIX = "delete it and run the same command again: the shards are checked and kept"
 
 # Shard file versions whose sha256 this process checked (or wrote): each is hashed once, not on every
 # read. DataLoader workers forked after a check inherit it.
@@ -209,7 +199,8 @@ class TeacherStore:
         """Create the folder and manifest, or check that an existing manifest describes the same work."""
         manifest = self.folder / "manifest.json"
         if manifest.exists():
-            self.check_identity(json.loads(manifest.read_text()))
+            self.check_identity(read_json(manifest, _MANIFEST_FIX))
+            remove_dead_staging(self.folder)  # shards whose writer was killed midway
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         body = {**self.identity, "chunks": self.n_chunks, "chunks_per_shard": self.chunks_per_shard,
@@ -233,7 +224,7 @@ class TeacherStore:
         path = self.folder / "manifest.json"
         if not path.is_file():
             raise FusionError(f"{path} is missing: the representations of this teacher were never computed here")
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, _MANIFEST_FIX)
         self.check_identity(manifest)
         return manifest
 
@@ -243,12 +234,32 @@ class TeacherStore:
         for shard in range(self.n_shards):
             sidecar = self._sidecar(shard)
             if sidecar.is_file() and self.shard_file(shard).is_file():
-                done[shard] = json.loads(sidecar.read_text())
+                done[shard] = read_json(sidecar, f"delete it and {self.shard_file(shard).name}, and re-run: only "
+                                                 "that shard is recomputed")
         return done
 
-    def missing_shards(self) -> list[int]:
-        done = self.finished_shards()
-        return [s for s in range(self.n_shards) if s not in done]
+    def unusable_shards(self, shards: list[int]) -> dict[int, str]:
+        """Of ``shards``, those that must be computed: ``{shard: "missing" | "corrupt"}``.
+
+        Every finished one is checked against its sha256 (once per process and file version), so a
+        damaged shard is found here, before training, and recomputed like a missing one.
+        """
+        done, unusable = self.finished_shards(), {}
+        for shard in shards:
+            if shard not in done:
+                unusable[shard] = "missing"
+            elif not self._intact(shard, done[shard]):
+                unusable[shard] = "corrupt"
+        return unusable
+
+    def _intact(self, shard: int, info: dict) -> bool:
+        path = self.shard_file(shard)
+        version = _file_version(path)
+        if version not in _verified:
+            if sha256_file(path) != info.get("sha256"):
+                return False
+            _verified.add(version)
+        return True
 
     def finalize(self) -> dict:
         """Record every shard's sidecar in the manifest; ``complete`` when none is missing."""
@@ -292,21 +303,15 @@ class TeacherStore:
         return info
 
     def verify_shard(self, shard: int) -> None:
-        """Check the shard's sha256 against the manifest (or its sidecar while incomplete), once per process
-        and file version: hashing reads the whole file (~90 MB per shard of the 7B recipe)."""
+        """Check the shard's sha256 against its sidecar (written with it), once per process and file version:
+        hashing reads the whole file (~90 MB per shard of the 7B recipe)."""
         path, sidecar = self.shard_file(shard), self._sidecar(shard)
         if not (path.is_file() and sidecar.is_file()):
-            raise FusionError(f"{path} is missing or unfinished; re-run the representations stage to compute it")
+            raise FusionError(f"{path} is missing or unfinished; {_RERUN}")
         if self._manifest is None:
             self._manifest = self.manifest()
-        version = _file_version(path)
-        if version in _verified:
-            return
-        info = self._manifest["shards"].get(f"{shard:05d}") or json.loads(sidecar.read_text())
-        if sha256_file(path) != info["sha256"]:
-            raise FusionError(f"{path} is corrupted (its sha256 differs from the manifest's); delete it and "
-                              f"{sidecar.name} and re-run: only that shard is recomputed")
-        _verified.add(version)
+        if not self._intact(shard, read_json(sidecar, _RERUN)):
+            raise FusionError(f"{path} is corrupted (its sha256 differs from {sidecar.name}'s); {_RERUN}")
 
     def read_shard(self, shard: int, verify: bool = True) -> Shard:
         """Shard ``shard``, memory-mapped; its checksum verified first (`verify_shard`) unless ``verify`` is False."""
@@ -317,5 +322,4 @@ class TeacherStore:
             arrays = map_npz(path)
             return Shard(**{name: arrays[name] for name in _SHARD_ARRAYS}, id_dtype=self.id_dtype)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            raise FusionError(f"{path} cannot be read ({err}); delete it and {self._sidecar(shard).name} and "
-                              "re-run: only that shard is recomputed") from None
+            raise FusionError(f"{path} cannot be read ({err}); {_RERUN}") from None

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fusion.data.prepare import align_teachers, extract_teachers, prepare_chunks, used_chunks
+from fusion.data.chunks import is_chunk_set
+from fusion.data.prepare import align_teachers, extract_teachers, prepare_chunks, store_problems, used_chunks
 from fusion.data.text import load_tokenizer
 from fusion.stages.base import Stage
 from fusion.trainer import build_predict_trainer
@@ -28,6 +29,13 @@ class Representations(Stage):
     config = REPRESENTATIONS
     outputs = ("chunk set and teacher shards (shared store: representations.dir)",)
     summary = "cut the corpus into text chunks; run every teacher over them; store its top-k"
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        """A chunk set gone, a teacher's manifest or shard missing, a shard failing its sha256 (checked once
+        per process: training then reads them without hashing again)."""
+        if not is_chunk_set(Path(result["chunks"])):
+            return f"its chunk set {result['chunks']} is missing"
+        return "; ".join(store_problems(ctx.recipe, result["chunk_info"])) or None
 
     def run(self, ctx) -> dict:
         r = ctx.recipe

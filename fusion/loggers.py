@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import netrc
 import os
+import re
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +17,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from fusion.config import WandbConfig
+from fusion.errors import FusionError, first_line
 
 
 class JsonlLogger(Logger):
@@ -58,29 +63,129 @@ def read_metrics(path: str | Path) -> dict[str, dict[int, float]]:
     return series
 
 
+WANDB_PROBE_SECONDS = 5.0  # the whole server probe, DNS included; wandb.init alone would wait ~109 s
+WANDB_INIT_SECONDS = 60.0  # bounds wandb.init once the probe passed (W&B's default is 90 s)
+
+
+def wandb_base_url() -> str:
+    """The W&B server that wandb itself would talk to: `$WANDB_BASE_URL`, else the public one."""
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def wandb_api_key(base_url: str) -> str | None:
+    """The key wandb would use: `$WANDB_API_KEY`, else the netrc entry `wandb login` wrote for the server's host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    host = base_url.split("://")[-1].split("/")[0]
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
 def wandb_has_credentials() -> bool:
     """True when W&B can log online without asking: an API key in the environment or from `wandb login`."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return wandb_api_key(wandb_base_url()) is not None
+
+
+def _short_reason(err: BaseException) -> str:
+    """`[Errno 111] Connection refused` rather than requests' three nested reprs; else the exception's type."""
+    found = re.findall(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
+    return found[-1].strip() if found else type(err).__name__
+
+
+def _ask_viewer(base_url: str, key: str) -> str | None:
+    """One GraphQL `viewer` query, the cheapest authenticated call; None when the key is accepted, else why not."""
+    import requests  # a wandb dependency; imported here so that loading fusion stays fast
+
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+        response = requests.post(f"{base_url}/graphql", json={"query": "query { viewer { id } }"},
+                                 auth=("api", key), timeout=WANDB_PROBE_SECONDS)
+    except requests.RequestException as err:
+        return f"server {base_url} unreachable ({_short_reason(err)})"
+    if response.status_code in (401, 403):
+        return f"API key refused by {base_url} (HTTP {response.status_code})"
+    if response.status_code != 200:
+        return f"server {base_url} answered HTTP {response.status_code}"
+    try:
+        viewer = (response.json().get("data") or {}).get("viewer")
+    except (ValueError, AttributeError):
+        return f"server {base_url} answered something other than W&B's GraphQL"
+    return None if viewer else f"API key refused by {base_url} (no such user)"
+
+
+@functools.cache
+def wandb_server_problem(base_url: str, key: str) -> str | None:
+    """Why W&B cannot log online with this server and key, or None when it can.
+
+    Asked before `wandb.init`, which otherwise hangs ~109 s on an offline node and then crashes.
+    The query runs in a daemon thread joined for at most WANDB_PROBE_SECONDS, because requests'
+    timeout does not cover DNS. Cached: `plan()` and `Run.loggers()` agree and the server is asked once.
+    """
+    answer: list[str | None] = []
+    thread = threading.Thread(target=lambda: answer.append(_ask_viewer(base_url, key)), daemon=True)
+    thread.start()
+    thread.join(WANDB_PROBE_SECONDS)
+    return answer[0] if answer else f"server {base_url} did not answer within {WANDB_PROBE_SECONDS:g} s"
+
+
+@functools.cache
+def _auto_falls_back(base_url: str, key: str) -> bool:
+    """True (after one warning line, printed once per process) when `auto` must log offline despite a key."""
+    problem = wandb_server_problem(base_url, key)
+    if problem:
+        print(f"warning: W&B {problem}; wandb.mode=auto logs offline into the run folder; "
+              f"sync later with `wandb sync RUN_DIR/wandb/offline-run-*`", file=sys.stderr)
+    return problem is not None
 
 
 def wandb_mode(config: WandbConfig) -> str:
-    """The W&B mode in force: `auto` becomes online with credentials, offline without."""
+    """The W&B mode in force: `auto` is online with credentials and a server that accepts them, else offline.
+
+    `online` with a server that is unreachable or refuses the key raises FusionError at once
+    instead of hanging in `wandb.init`.
+    """
+    if config.mode not in ("auto", "online"):
+        return config.mode
+    base_url = wandb_base_url()
+    key = wandb_api_key(base_url)
+    if config.mode == "auto":
+        return "online" if key and not _auto_falls_back(base_url, key) else "offline"
+    problem = wandb_server_problem(base_url, key) if key else "no API key (WANDB_API_KEY or `wandb login`)"
+    if problem:
+        raise FusionError(f"wandb.mode=online: W&B {problem}; check WANDB_API_KEY, WANDB_BASE_URL and the "
+                          f"network, or set wandb.mode=offline (or auto, which falls back to offline)")
+    return "online"
+
+
+def describe_wandb_mode(config: WandbConfig) -> str:
+    """The mode for the plan, without asking the server (`--dry-run` loads and contacts nothing)."""
     if config.mode != "auto":
         return config.mode
-    return "online" if wandb_has_credentials() else "offline"
+    if wandb_api_key(wandb_base_url()) is None:
+        return "offline (auto: no credentials)"
+    return "online (auto: credentials found; offline if the server does not accept them)"
+
+
+def _start_wandb(logger: WandbLogger, mode: str) -> None:
+    """Creates the W&B run now (Lightning would do it lazily), so a W&B failure is one FusionError line."""
+    try:
+        _ = logger.experiment
+    except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... — all the user's to fix
+        raise FusionError(f"wandb.mode={mode}: W&B could not start a run ({first_line(err)}); check "
+                          f"WANDB_API_KEY, WANDB_BASE_URL and the network, or set wandb.mode=offline") from err
 
 
 def build_wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe_dict: dict) -> WandbLogger | None:
     """A WandbLogger writing under `run_dir/wandb`; the run id is kept in the run folder so a resume continues it."""
-    mode = wandb_mode(config)
-    if mode == "disabled" or rank_zero_only.rank != 0:  # other ranks would log nothing, but race for the id file
+    if rank_zero_only.rank != 0:  # other ranks would log nothing, but race for the id file (and probe the server)
         return None
+    mode = wandb_mode(config)
+    if mode == "disabled":
+        return None
+    import wandb
+
     id_file = run_dir / "wandb_id"
     if id_file.exists():
         run_id = id_file.read_text().strip()
@@ -89,6 +194,8 @@ def build_wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     logger = WandbLogger(name=run_name, save_dir=str(run_dir), project=config.project, entity=config.entity,
-                         id=run_id, resume="allow", mode=mode, tags=config.tags or None, log_model=False)
+                         id=run_id, resume="allow", mode=mode, tags=config.tags or None, log_model=False,
+                         settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS))
+    _start_wandb(logger, mode)
     logger.log_hyperparams(recipe_dict)
     return logger

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from fusion.errors import FusionError
+from fusion.interrupt import Interrupted, signals_handled
 from fusion.pipeline import plan, run
 from fusion.recipe import load_recipe
 
@@ -31,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         print(plan(recipe))
         if args.dry_run:
             return 0
-        run(recipe)
+        with signals_handled():
+            run(recipe)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as stop:
+        detail = f": {stop.detail}" if stop.detail else ""
+        print(f"interrupted by {stop.signal_name}{detail}; run the same command again to resume", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # before the handlers were installed
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     return 0

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from fusion.config import Recipe
 from fusion.data.sampling import ConsumedBatches
 from fusion.errors import FusionError
+from fusion.interrupt import StopAtSafePoint
 
 # Lightning advertises its cloud logger on every Trainer; one line of noise per stage.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
@@ -107,6 +108,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, loggers: list, callbacks: list 
     if training:
         all_callbacks += [
             ConsumedBatches(),
+            StopAtSafePoint(run_dir / "checkpoints" / "last.ckpt"),  # after ConsumedBatches: see its docstring
             # Only last.ckpt: resuming needs nothing older, and a 7B checkpoint with optimizer state is ~80 GB.
             ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
                             save_last=True, save_top_k=0),

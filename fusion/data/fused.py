@@ -49,6 +49,7 @@ from fusion.data.prepare import PreparedTeacher
 from fusion.data.store import bytes_per_token
 from fusion.data.text import TextDataModule
 from fusion.errors import FusionError
+from fusion.interrupt import ignore_signals
 
 _WINDOW = 4  # shards whose chunks are shuffled together
 _PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
@@ -180,7 +181,7 @@ class FusedLoader(DataLoader):
     """A DataLoader over `FusedBatches` whose position Lightning checkpoints (see `ConsumedBatches`)."""
 
     def __init__(self, dataset: FusedBatches, num_workers: int = 0) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_signals)
         self.consumed = 0
 
     def __len__(self) -> int:

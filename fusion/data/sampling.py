@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fusion.interrupt import ignore_signals
+
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices: shuffled per epoch by `seed + epoch`, split evenly across ranks.
@@ -72,10 +74,11 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over an `EpochBatchSampler` that Lightning checkpoints and restores."""
+    """A DataLoader over an `EpochBatchSampler` that Lightning checkpoints and restores (its workers leave
+    Ctrl-C to the main process: `fusion.interrupt.ignore_signals`)."""
 
     def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, **kwargs) -> None:
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        super().__init__(dataset, batch_sampler=batch_sampler, worker_init_fn=ignore_signals, **kwargs)
 
     def state_dict(self) -> dict:
         return self.batch_sampler.state_dict()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fusion.data.cache import remove_dead_staging, staging_prefix
 from fusion.data.text import load_tokenizer
 
 _PREFIX = "model."  # CausalLMModule keeps the HF model in `self.model`
@@ -32,10 +34,15 @@ def export_checkpoint(checkpoint: Path, base_model: str, tokenizer_path: str, ou
         raise RuntimeError(f"checkpoint {checkpoint} does not fit {base_model}: "
                            f"missing {still_meta[:3]}, unexpected {unexpected[:3]}")
     model.config.dtype = next(model.parameters()).dtype
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    load_tokenizer(tokenizer_path, trust_remote_code).save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(out_dir.parent)  # an export killed midway
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir.name), dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        load_tokenizer(tokenizer_path, trust_remote_code).save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp made it private
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -1,9 +1,12 @@
 """A recipe's run: its folder, its method's stages, and what makes a re-run resume instead of starting over.
 
-`Run` is the orchestrator. It claims the run folder (``recipe.yaml``; a different recipe in the same
-folder is refused), runs the method's stages (`fusion.methods`) in order, records each finished one
-in ``stages/NAME.json`` with its key, and on a re-run skips every stage whose record has the key it
-would have now; a stage whose key changed runs again, and so does everything that reads it.
+`Run` is the orchestrator. It locks the run folder for its lifetime (``.lock``: a second process on
+the same folder is refused; the lock dies with its process), claims it (``recipe.yaml``; a different
+recipe in the same folder is refused), runs the method's stages (`fusion.methods`) in order, records
+each finished one in ``stages/NAME.json`` with its key, and on a re-run skips every stage whose record
+has the key it would have now; a stage whose key changed runs again, and so does everything that
+reads it. A stage whose record is current but whose outputs are missing or damaged (`Stage.damaged`)
+runs again to repair them; what reads it runs again only if the repaired result differs.
 
 Under several processes every rank runs this file; files are written by global rank 0 only.
 """
@@ -19,8 +22,10 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from fusion.config import Recipe, to_dict
-from fusion.errors import FusionError
-from fusion.loggers import JsonlLogger, build_wandb_logger, wandb_mode
+from fusion.data.cache import atomic_write, hold_lock, lock_holder, read_json, remove_dead_staging
+from fusion.errors import FusionError, first_line
+from fusion.interrupt import Interrupted, requested
+from fusion.loggers import JsonlLogger, build_wandb_logger, describe_wandb_mode
 from fusion.methods.base import Method, model_dtype
 from fusion.methods.registry import get_method
 from fusion.stages.base import NOT_COMPUTED, Stage, flatten, within
@@ -48,6 +53,7 @@ class Run:
         self._loggers: list | None = None
         self._datamodule: pl.LightningDataModule | None = None
         self._paths: tuple[str, str] | None = None
+        self._lock = None  # the open lock file of the run folder, held while running
 
     # -- what stages read ----------------------------------------------------------------------------
     @property
@@ -106,12 +112,33 @@ class Run:
         return Run(recipe, self.extra_callbacks, self.method, stages)
 
     # -- the folder --------------------------------------------------------------------------------
+    def lock_folder(self) -> None:
+        """Hold ``DIR/.lock`` until this process ends or `release` (global rank 0 only: the other ranks are its run)."""
+        if not self.is_global_zero or self._lock is not None:
+            return
+        lock = self.dir / ".lock"
+        try:
+            self._lock = hold_lock(lock)
+        except OSError as err:
+            raise FusionError(f"output_dir {self.dir}: cannot create the run folder or its lock "
+                              f"({err.strerror or first_line(err)}); choose a writable output_dir") from None
+        if self._lock is None:
+            raise FusionError(f"output_dir {self.dir} is in use by another run ({lock_holder(lock)}); wait for it "
+                              "to finish, or give this run another output_dir")
+        remove_dead_staging(self.dir)  # what a killed export or write left
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def claim_folder(self) -> None:
         """Write recipe.yaml, or check that the folder's earlier run used the same recipe; read the records."""
         resolved = to_dict(self.recipe)
         saved_file = self.dir / "recipe.yaml"
         if saved_file.exists():
-            saved = flatten(yaml.safe_load(saved_file.read_text()))
+            saved = flatten(read_yaml(saved_file, "delete it and re-run with the same recipe (finished stages are "
+                                                  "kept)"))
             for key, value in flatten(resolved).items():
                 # a key missing from the saved recipe did not exist when it was written: not a difference
                 if not within(key, NOT_COMPUTED) and key in saved and saved[key] != value:
@@ -119,55 +146,92 @@ class Run:
                         f"{self.dir} holds a run of a different recipe ({key}: {saved.get(key)!r} there, "
                         f"{value!r} now); resume with the same recipe, or start anew with output_dir=runs/NEW_NAME")
         if self.is_global_zero:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            saved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            text = yaml.safe_dump(resolved, sort_keys=False).encode()
+            atomic_write(saved_file, lambda f: f.write(text))
         self.records = read_records(self.dir)
 
     def finish(self, name: str, key: str, result: dict) -> None:
-        self.records[name] = {"key": key, "result": result}
+        self.records[name] = {"key": key, "result": json.loads(json.dumps(result))}  # as a re-run reads it
         if self.is_global_zero:
             (self.dir / "stages").mkdir(parents=True, exist_ok=True)
-            (self.dir / "stages" / f"{name}.json").write_text(json.dumps(self.records[name], indent=2))
+            text = json.dumps(self.records[name], indent=2).encode()
+            atomic_write(self.dir / "stages" / f"{name}.json", lambda f: f.write(text))
 
     # -- running -----------------------------------------------------------------------------------
     def run(self) -> Run:
-        """Run every stage that is not done with its current key, in order."""
+        """Run every stage that is not done with its current key, in order, holding the folder's lock."""
         # Seeded here, not once per process: a branch's results must not depend on the branches before it.
         pl.seed_everything(self.recipe.seed, workers=True, verbose=False)
-        self.claim_folder()
-        for stage, key, state in stage_states(self.recipe, self.stages, self.records):
-            if state == "done":
-                print(f"[fusion] stage {stage.name}: already done, skipped")
-                continue
-            if state == "stale":
-                print(f"[fusion] stage {stage.name}: its record is from other settings or an older version; "
-                      "running it again")
-            print(f"[fusion] stage {stage.name}")
-            self.finish(stage.name, key, stage.run(self))
+        self.lock_folder()
+        try:
+            self.claim_folder()
+            self._run_stages()
+        finally:
+            self.release()
         for logger in self._loggers or []:
             logger.finalize("success")
         return self
 
+    def _run_stages(self) -> None:
+        keys: dict[str, str] = {}
+        changed: set[str] = set()  # stages that ran with a result their readers have not seen
+        for stage in self.stages:
+            key = keys[stage.name] = stage.key(self.recipe, keys)
+            record = self.records.get(stage.name)
+            state = stage_state(record, key, stage, changed)
+            if state == "done":
+                problem = stage.damaged(self, record["result"])
+                if problem is None:
+                    print(f"[fusion] stage {stage.name}: already done, skipped")
+                    continue
+                print(f"[fusion] stage {stage.name}: {problem}; running it again to repair it")
+            elif state == "stale":
+                print(f"[fusion] stage {stage.name}: its record is from other settings or an older version; "
+                      "running it again")
+            else:
+                print(f"[fusion] stage {stage.name}")
+            self.finish(stage.name, key, stage.run(self))
+            if state != "done" or self.records[stage.name]["result"] != record["result"]:
+                changed.add(stage.name)
+            if requested():  # a stop asked for too late to cut the stage short: it finished, now stop
+                raise Interrupted(requested(), f"stopped after stage {stage.name}")
+
 
 def read_records(run_dir: Path) -> dict[str, dict]:
     folder = run_dir / "stages"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    if not folder.is_dir():
+        return {}
+    fix = "delete it and re-run: that stage runs again (the others are kept)"
+    return {p.stem: read_json(p, fix) for p in sorted(folder.glob("*.json"))}
+
+
+def read_yaml(path: Path, fix: str):
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise FusionError(f"{path} cannot be read ({first_line(err)}); {fix}") from None
+    if not isinstance(content, dict):
+        raise FusionError(f"{path} is not a recipe (a mapping of keys); {fix}")
+    return content
+
+
+def stage_state(record: dict | None, key: str, stage: Stage, rerun: set[str]) -> str:
+    """``done`` (recorded with this key, and none of what it reads runs again), ``stale`` (recorded with
+    another key, or something it reads runs again) or ``todo`` (never recorded)."""
+    if record is None:
+        return "todo"
+    return "done" if record.get("key") == key and not rerun & set(stage.needs) else "stale"
 
 
 def stage_states(recipe: Recipe, stages: tuple[Stage, ...], records: dict[str, dict]) -> list[tuple[Stage, str, str]]:
-    """``(stage, key, state)`` in order; state is ``done`` (recorded with this key, and nothing it reads
-    re-runs), ``stale`` (recorded with another key) or ``todo``."""
+    """``(stage, key, state)`` in order, as a run would find them (outputs are not checked: see `Stage.damaged`)."""
     keys: dict[str, str] = {}
     rerun: set[str] = set()
     states = []
     for stage in stages:
-        key = stage.key(recipe, keys)
-        keys[stage.name] = key
-        record = records.get(stage.name)
-        if record is not None and record.get("key") == key and not rerun & set(stage.needs):
-            state = "done"
-        else:
-            state = "stale" if record is not None else "todo"
+        key = keys[stage.name] = stage.key(recipe, keys)
+        state = stage_state(records.get(stage.name), key, stage, rerun)
+        if state != "done":
             rerun.add(stage.name)
         states.append((stage, key, state))
     return states
@@ -203,7 +267,7 @@ def plan(recipe: Recipe) -> str:
         f"trainer   {devices}, strategy {strategy}, precision {t.precision}, batch {per_step}, "
         f"{'max_steps ' + str(t.max_steps) if t.max_steps > 0 else str(t.max_epochs) + ' epoch(s)'}, "
         f"clip {t.gradient_clip_val}, checkpoint every {t.checkpoint_every_n_steps} steps",
-        f"logging   W&B {wandb_mode(recipe.wandb)} (project {recipe.wandb.project}), metrics.jsonl",
+        f"logging   W&B {describe_wandb_mode(recipe.wandb)} (project {recipe.wandb.project}), metrics.jsonl",
         *method.plan(recipe),
         "stages    (key: a hash of the recipe keys a stage depends on; done = recorded in the run folder)",
     ]

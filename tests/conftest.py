@@ -49,6 +49,16 @@ def tiny_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> list
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def fusellm_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> list[str]:
+    """`tiny_overrides` for the FuseLLM recipe: 96 chunks in shards of 16, stored under ``cache_dir``."""
+    values = {"representations.dir": str(cache_dir / "representations"), "representations.max_chunks": 96,
+              "representations.chunks_per_shard": 16, "data.block_size": 96, "trainer.batch_size": 4,
+              "trainer.max_steps": 16, "trainer.val_every_n_steps": 8, "trainer.checkpoint_every_n_steps": 4,
+              "data.max_validation_blocks": 4}
+    values.update(changes)
+    return tiny_overrides(out, zoo_dir, cache_dir, **values)
+
+
 def run_fit(*args: str, timeout: int = 300, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m fusion.fit ARGS` in a subprocess, as a user runs it (``pythonpath``: where their own code is)."""
     env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}

@@ -7,20 +7,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, run_fit, tiny_overrides
+from conftest import ROOT, fusellm_overrides, run_fit
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fusion.loggers import read_metrics
-
-
-def fusellm_overrides(out, zoo_dir, cache_dir, **changes):
-    values = {"representations.dir": str(cache_dir / "representations"), "representations.max_chunks": 96,
-              "representations.chunks_per_shard": 16, "data.block_size": 96, "trainer.batch_size": 4,
-              "trainer.max_steps": 16, "trainer.val_every_n_steps": 8, "trainer.checkpoint_every_n_steps": 4,
-              "data.max_validation_blocks": 4}
-    values.update(changes)
-    return tiny_overrides(out, zoo_dir, cache_dir, **values)
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,8 @@ class Stage:
         outputs: what it writes: paths in the run folder, or a shared store by name.
         version: bump when the stage computes something different from the same inputs.
         summary: one line for the `--dry-run` plan.
+
+    A re-run skips a recorded stage only if `damaged` finds its outputs intact.
     """
 
     name: str = ""
@@ -109,6 +111,14 @@ class Stage:
     def describe(self, recipe: Recipe) -> str:
         """What the stage does, for the plan; override for details that depend on the recipe."""
         return self.summary
+
+    def damaged(self, ctx: Context, result: dict) -> str | None:
+        """Why the outputs of this stage's finished run (its recorded ``result``) cannot be used, or None.
+
+        Called on a re-run before skipping the stage: a reason (an output missing, a checksum failing)
+        makes the run repeat the stage to repair them. Override for stages whose outputs can go missing.
+        """
+        return None
 
     def run(self, ctx: Context) -> dict:
         """Do the work; return the stage's record (JSON-able)."""

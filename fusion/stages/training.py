@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM
 
 from fusion.data.text import load_tokenizer
 from fusion.errors import FusionError
 from fusion.export import export_checkpoint
+from fusion.interrupt import Interrupted, StopAtSafePoint, requested, safe_points
 from fusion.report import plot_curves, write_results
 from fusion.stages.base import Stage
 from fusion.trainer import build_trainer
@@ -31,11 +30,12 @@ TRAINING = ("model", "data", "teachers", "representations", "fusion", "optim", "
 
 def validate(ctx, model_path: str, prefix: str, step: int) -> dict:
     """Validation perplexity of the HF model at ``model_path``, logged as ``PREFIX/val/...`` at ``step``."""
+    loggers = ctx.loggers()  # first: a logger that cannot start fails before the work, not after it
     trainer = build_trainer(ctx.recipe, ctx.dir, loggers=[], training=False)
     trainer.validate(ctx.new_module(model_path), datamodule=ctx.datamodule, verbose=False)
     ctx.trainer = trainer
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    for logger in ctx.loggers():
+    for logger in loggers:
         logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
     return metrics
 
@@ -60,14 +60,23 @@ class Train(Stage):
         trainer = build_trainer(ctx.recipe, ctx.dir, ctx.loggers(), callbacks=ctx.extra_callbacks)
         ctx.trainer = trainer
         last = ctx.dir / "checkpoints" / "last.ckpt"
-        trainer.fit(ctx.new_module(ctx.model_path), datamodule=ctx.datamodule,
-                    ckpt_path=str(last) if last.exists() else None)
+        module = ctx.new_module(ctx.model_path)
+        with safe_points():  # a first Ctrl-C / SIGTERM ends the fit after the step, with last.ckpt saved
+            trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
+        stop = next(c for c in trainer.callbacks if isinstance(c, StopAtSafePoint))
+        if stop.saved_at is not None:  # (a request after the last step lets the stage finish: see Run)
+            raise Interrupted(requested(), f"training stopped; saved {last} at step {stop.saved_at}")
         if trainer.interrupted:
             raise FusionError(f"training was interrupted at step {trainer.global_step}; "
                               f"run the same command again to resume from {last}")
         final = ctx.dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final, weights_only=True)
-        return {"global_step": trainer.global_step, "checkpoint": str(final)}
+        # Paths in records are relative to the run folder, so that a moved folder still resumes.
+        return {"global_step": trainer.global_step, "checkpoint": str(final.relative_to(ctx.dir))}
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        final = ctx.dir / result["checkpoint"]
+        return None if final.is_file() else f"{final} is missing"
 
 
 class Export(Stage):
@@ -80,11 +89,17 @@ class Export(Stage):
     def run(self, ctx) -> dict:
         out = ctx.dir / "model"
         if ctx.is_global_zero:
-            export_checkpoint(Path(ctx.record("train")["checkpoint"]), ctx.model_path, ctx.tokenizer_path, out,
+            export_checkpoint(ctx.dir / ctx.record("train")["checkpoint"], ctx.model_path, ctx.tokenizer_path, out,
                               trust_remote_code=ctx.recipe.model.trust_remote_code)
         if ctx.trainer is not None:
             ctx.trainer.strategy.barrier("export")
-        return {"path": str(out)}
+        return {"path": str(out.relative_to(ctx.dir))}
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        folder = ctx.dir / result["path"]
+        weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")] if folder.is_dir() else []
+        intact = (folder / "config.json").is_file() and weights
+        return None if intact else f"the export {folder} is missing or incomplete"
 
 
 class Evaluate(Stage):
@@ -95,7 +110,7 @@ class Evaluate(Stage):
     summary = "reload the export; validation perplexity before and after; a generated sample"
 
     def run(self, ctx) -> dict:
-        before, exported = ctx.record("baseline"), ctx.record("export")["path"]
+        before, exported = ctx.record("baseline"), str(ctx.dir / ctx.record("export")["path"])
         after = validate(ctx, exported, "final", step=ctx.record("train")["global_step"])
         result = {"validation": {"before": before, "after": after}, "module": ctx.module_description()}
         if ctx.is_global_zero:
@@ -104,6 +119,9 @@ class Evaluate(Stage):
             print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"]))
             plot_curves(ctx.dir / "metrics.jsonl", ctx.dir / "curves.png")
         return result
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        return None if (ctx.dir / "results.json").is_file() else f"{ctx.dir / 'results.json'} is missing"
 
 
 def generate_sample(model_path: str, prompts: tuple[str, ...] = ("def", "The"), max_new_tokens: int = 40) -> str:

@@ -151,3 +151,68 @@ def test_zoo_teachers_report_a_fallback_rate_and_banded_dtw_matches_full_dtw(zoo
         a_str, b_str = _spelled(t_text, tt, ts[2]), _spelled(u_text, ut, us[2])
         ((a, b),) = _dtw_pairs([(a_str, b_str, ts, us)])
         assert set(zip(a.tolist(), b.tolist())) == set(one_to_one(dtw_path(a_str, b_str)))
+
+
+def adversarial_texts(seed: int = 0, n: int = 40) -> list[str]:
+    """Random text built from what breaks alignments: quotes, digits, whitespace runs, newlines with
+    indentation, unicode (accents, CJK, emoji), code punctuation, and real words."""
+    rng = np.random.default_rng(seed)
+    pieces = ['"', "'", "`", "BSD", "Sun", "existent", "non", "un", "tin", "in", "greg", "orian", "0", "00",
+              "1", "2024", "3.14", " ", "  ", "    ", "\t", "\n", "\n    ", "\n\n", "é", "ü", "日本", "語", "😀",
+              "->", "==", "()", "[]", "{", "}", ":", ",", ".", "_", "def", "return", "the", "The", " a", "'s", "'t"]
+    return ["".join(rng.choice(pieces, size=int(rng.integers(20, 120)))) for _ in range(n)]
+
+
+def char_starts(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per text token, the byte its character starts at (from the tokenizer's own offsets), and whether it
+    is the first piece of that character (byte-fallback tokens of one character share its start)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = np.array([len(text[:a].encode()) for a, _ in offsets], dtype=np.int64)
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = starts[1:] != starts[:-1]
+    return starts, first
+
+
+@pytest.mark.parametrize("teacher", ["gpt2-code", "neox-prose"])
+@pytest.mark.parametrize("mode", ["mined", "exact", "offsets"])
+def test_every_accepted_pair_follows_the_same_text_prefix(zoo_tokenizers, texts, teacher, mode):
+    """The convention: src[i] = j only when target token i+1 and teacher token j+1 start at the same byte
+    (the tokenizers' own offsets say where), on real text and adversarial text."""
+    target_tok, teacher_tok = zoo_tokenizers["target"], zoo_tokenizers[teacher]
+    vmap = build_vocab_map(teacher_tok, target_tok)
+    corpus = texts + adversarial_texts()
+    ends = [True] * len(corpus)
+    sequences = list(zip(map(np.array, sequence_ids(target_tok, corpus, ends)),
+                         map(np.array, sequence_ids(teacher_tok, corpus, ends)), ends,
+                         [len(x.encode()) for x in corpus]))
+    srcs = align_many(sequences, TokenTable.of(target_tok), TokenTable.of(teacher_tok), mode, vmap.ids)
+    checked = 0
+    for text, (target, teacher_ids, _, _), src in zip(corpus, sequences, srcs):
+        t_start, t_first = char_starts(target_tok, text)
+        u_start, u_first = char_starts(teacher_tok, text)
+        assert len(t_start) == len(target) - 2 and len(u_start) == len(teacher_ids) - 2
+        a = np.flatnonzero(src[:len(t_start)] >= 0)  # target text token a (sequence token a+1): position a
+        b = src[a]
+        a, b = a[b < len(u_start)], b[b < len(u_start)]
+        whole = t_first[a] & u_first[b]
+        assert (t_start[a][whole] == u_start[b][whole]).all(), [
+            (text[:40], int(x), int(y)) for x, y in zip(a[whole], b[whole]) if t_start[x] != u_start[y]][:5]
+        checked += int(whole.sum())
+    assert checked > 1000
+
+
+def test_a_position_whose_candidates_are_all_dropped_falls_back_instead_of_nan():
+    vocab_ids = np.array([0, 1, 2, 3])
+    keep = np.array([True, True, False, False])  # teacher ids 2 and 3 have no exact match
+    src = np.array([0, 1])
+    topk_ids = np.array([[2], [1]])  # top_k = 1: position 0's only candidate is dropped
+    topk_logprobs = np.array([[-0.1], [-0.2]], dtype=np.float32)
+    ids, logprobs, fallback = aligned_distribution(src, topk_ids, topk_logprobs, vocab_ids, np.array([0, 3, 1]), keep)
+    assert fallback.tolist() == [True, False]
+    assert ids[0, 0] == 3 and logprobs[0, 0] == 0.0  # the one-hot on the gold token
+    import torch
+
+    from fusion.modules.losses import teacher_probs
+
+    probs = teacher_probs(torch.tensor([[-np.inf, -np.inf], [-1.0, -np.inf]]))
+    assert torch.isfinite(probs).all() and probs[0].sum() == 0 and probs[1, 0] == 1

@@ -17,11 +17,13 @@ token ``i``, which position ``i`` does not predict; we never do.)
 Three modes:
 
 - ``mined`` (the paper's MinED): dynamic time warping over the two token strings with Levenshtein
-  cost; a target token aligned one-to-one with a teacher token is accepted when the strings are
-  equal or the MinED vocabulary map sends the teacher token to that target token; one-to-many and
-  many-to-one stretches fall back;
-- ``exact``: the same path, accepted only when the strings are equal (the paper's EM ablation;
-  candidates without an exact vocabulary match are also dropped, see `aligned_distribution`);
+  cost; a target token aligned one-to-one with a teacher token is accepted when both start at the
+  same byte of the text (so the two predictions follow the same prefix: the DTW alone also pairs
+  ``SD`` with ``BSD``) and the strings are equal or the MinED vocabulary map sends the teacher token
+  to that target token; one-to-many and many-to-one stretches fall back;
+- ``exact``: the same path, accepted only when the strings are equal and start at the same byte (the
+  paper's EM ablation; candidates without an exact vocabulary match are also dropped, see
+  `aligned_distribution`, and a position whose candidates are all dropped falls back);
 - ``offsets``: no DTW: target token ``i+1`` and teacher token ``j+1`` are aligned when they span the
   same bytes of the text: both predictions follow exactly the same prefix and their gold tokens are
   the same text. Exact by construction, and a vectorised search instead of a DP.
@@ -204,10 +206,12 @@ def align_many(sequences: list[tuple[np.ndarray, np.ndarray, bool, int]], target
         strings = [(_spelled(t_text, target_table, target[2]), _spelled(u_text, teacher_table, teacher[2]))
                    for _, t_text, u_text, target, teacher in todo]
         pairs = _dtw_pairs([(*s, t[3], t[4]) for s, t in zip(strings, todo)])
-        for n, ((a, b), (t_str, u_str), (_, t_text, u_text, _, _)) in enumerate(zip(pairs, strings, todo)):
+        for n, ((a, b), (t_str, u_str), item) in enumerate(zip(pairs, strings, todo)):
+            _, t_text, u_text, target, teacher = item
             accept = np.array([t_str[i] == u_str[j] for i, j in zip(a.tolist(), b.tolist())], dtype=bool)
             if mode == "mined":
                 accept |= vocab_ids[u_text[b]] == t_text[a]
+            accept &= target[0][a] == teacher[0][b]  # the same prefix: both tokens start at the same byte
             pairs[n] = (a[accept], b[accept])
     for (src, *_), (a, b) in zip(todo, pairs):
         src[a] = b  # target text token a is sequence token a+1, predicted at position a; teacher likewise
@@ -251,8 +255,8 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
     Returns:
         ``(ids [T-1, k] int64, logprobs [T-1, k] float32, fallback [T-1] bool)``. Teacher candidates
         that map to the same target id pool their probability (on the first of them); dropped and
-        pooled entries get log-prob ``-inf``. Fallback rows are a one-hot (log-prob 0) on target
-        token ``i+1``.
+        pooled entries get log-prob ``-inf``. Fallback rows (no aligned teacher position, or every
+        candidate dropped) are a one-hot (log-prob 0) on target token ``i+1``.
     """
     k = topk_ids.shape[1]
     fallback = src < 0
@@ -262,6 +266,7 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
     logprobs = topk_logprobs[rows].astype(np.float32)
     if keep is not None:
         logprobs = np.where(keep[teacher_ids], logprobs, -np.inf).astype(np.float32)
+        fallback |= np.isneginf(logprobs).all(axis=1)  # nothing left: a softmax over it would be NaN
     # Pool duplicates: entry j adds its probability to the first entry with the same id.
     first = (ids[:, :, None] == ids[:, None, :]).argmax(axis=2)  # [T-1, k]: index of the first equal id
     if (first != np.arange(k)).any():

@@ -56,8 +56,10 @@ def pooled_probs(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Stored top-k log-probs ``[..., k]`` -> probabilities renormalised over the k at ``temperature``
-    (FuseLLM's softmax over the stored candidates); ``-inf`` entries get 0."""
-    return torch.softmax(logprobs.float() / temperature, dim=-1)
+    (FuseLLM's softmax over the stored candidates); ``-inf`` entries get 0, and so does a row with no
+    finite entry (its softmax would be NaN, which a mask by multiplication would spread)."""
+    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    return torch.where(torch.isneginf(logprobs).all(-1, keepdim=True), 0.0, probs)
 
 
 def fuse_teachers(ids: torch.Tensor, probs: torch.Tensor, ce: torch.Tensor,

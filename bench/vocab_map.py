@@ -29,7 +29,9 @@ Figures (``ratio = baseline / value``, > 1 means we are faster):
 
 ``agreement``: on the sample, the fraction of teacher tokens for which the baseline's target token and
 ours are at the same edit distance (a tie counts as agreement); ``same_id``, the fraction with the same
-target id (both break ties to the lowest id, so it should be 1.0 too).
+target id (below 1.0: the original breaks ties to the lowest id, which on a SentencePiece target is a
+``<0xNN>`` byte token; ours prefers the target's own first token, then an ordinary piece; see
+`fusion.data.vocab`).
 """
 
 from __future__ import annotations

@@ -63,10 +63,13 @@ def test_every_entry_is_at_minimal_edit_distance(zoo, teacher):
         best = min(distances)
         ties = [j for j, d in zip(candidates, distances) if d == best]
         same_kind = [j for j in ties if g_byte[j] == t_byte[i]]
-        # ties: lowest target id; an exact match prefers the piece of the same kind (byte token or text)
-        expected = same_kind[0] if best == 0 and same_kind else ties[0]
+        # an exact match prefers the piece of the same kind (byte token or text), then the lowest id; MinED
+        # ties prefer the target's own first token, else an ordinary piece (the full order: test_vocab_ties.py)
         assert vmap.distance[i] == best, (t_strings[i], g_strings[vmap.ids[i]])
-        assert vmap.ids[i] == expected
+        if best == 0:
+            assert vmap.ids[i] == (same_kind[0] if same_kind else ties[0])
+        else:
+            assert vmap.ids[i] in ties
         assert vmap.exact[i] == (best == 0)
 
 

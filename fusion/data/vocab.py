@@ -19,8 +19,24 @@ surrogate ``U+DC80 + byte - 0x80``. So ``Ċ`` and ``<0x0A>`` are both ``"\\n"``,
 both ``" the"``, and partial bytes stay comparable across tokenizers (``Ã`` in GPT-2 = ``<0xC3>``).
 
 When several target tokens have the teacher token's text (Llama-style vocabs hold both ``"\n"`` and
-``<0x0A>``), the one of the same kind (byte-fallback token or text piece) wins, then the lowest id; MinED
-ties go to the lowest id.
+``<0x0A>``), the one of the same kind (byte-fallback token or text piece) wins, then the lowest id.
+
+Ties at the minimum edit distance (MinED rows only; most have several candidates) are broken, in order:
+
+1. the token the target's own tokenizer emits first for the teacher's text, if it is tied: the text's
+   first pre-token (the target's pre-tokenizer, without the ``▁`` that a Metaspace pre-tokenizer
+   prepends to a text's start unless the text starts with a space) through the target's model, so
+   ``'s`` -> ``'``, `` 1`` -> ``▁``, ``\n    `` -> ``\n``, and a character the target has no piece
+   for -> the byte token its byte fallback starts it with (``字`` -> ``<0xE5>``): what the target
+   really predicts there;
+2. an ordinary piece over a byte-fallback token ``<0xNN>``: the target never emits ``<0xNN>`` for text
+   it has a piece for, and a teacher token whose text *is* that byte is an exact match, decided
+   above; a byte token is still chosen when no ordinary piece is at the minimum distance;
+3. the longest common prefix (in characters) with the teacher's text;
+4. the lowest id.
+
+So a character the target has no piece for (CJK in a Latin target: distance 1 from every one-character
+token) goes to the byte its byte fallback emits first, not to ``<0x00>`` (nor to a frequent piece).
 
 Special tokens (bos/eos/unk/pad) map to the target's token of the same role (eos first: GPT-2's
 ``<|endoftext|>`` is bos, eos, unk and pad at once and is mostly used as eos); they never take part in
@@ -31,8 +47,10 @@ are never produced by the tokenizer; they map to the target's **unk** token (its
 and get ``distance = -1``.
 
 Cost: exact matches are a dict look-up; the rest is ``rapidfuzz.process.cdist`` in row chunks (C++,
-bit-parallel, all cores): a 50 k x 32 k map is ~1.6 G pairs, seconds on two cores; the result is cached
-in an ``.npz`` keyed by both tokenizers' content, so later calls cost a file read.
+bit-parallel, all cores): a 50 k x 32 k map is ~1.6 G pairs, seconds on two cores. Ties are broken with
+numpy over the tied (row, candidate) pairs only, and the target tokenizer runs once per row that has
+tied ordinary pieces. The result is cached in an ``.npz`` keyed by both tokenizers' content and
+``VOCAB_MAP_VERSION``, so later calls cost a file read.
 """
 
 from __future__ import annotations
@@ -50,10 +68,14 @@ from rapidfuzz.distance import Levenshtein
 from fusion.data.cache import atomic_write
 from fusion.errors import FusionError
 
-VOCAB_MAP_VERSION = "1"  # bump when the mapping rules change: it is part of the cache key
+VOCAB_MAP_VERSION = "2"  # bump when the mapping rules change: part of the cache key (2: the MinED tie order)
 SPECIAL_ROLES = ("eos", "bos", "unk", "pad")  # priority order when one token has several roles
-_CHUNK = 512  # teacher rows per cdist call: 512 x 50 k int32 = 100 MB at most
+_CHUNK = 512  # teacher rows per cdist call: 512 x 50 k uint8 = 25 MB at most
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # a canonical string's partial UTF-8 bytes
+_ID_BITS = 24  # tie-break key: candidate position in the low bits (vocabs < 16 M), then prefix length
+_LCP_CAP = (1 << 16) - 1
+_FAR = 255  # MinED distances are computed as uint8 up to 254; rows with nothing nearer are redone in int32
 
 
 @dataclass
@@ -228,7 +250,8 @@ def compute_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | N
         if tid is not None and role in target_roles and not special[tid]:
             ids[tid], exact[tid], special[tid] = target_roles[role], True, True
 
-    # Candidates: the target's ordinary tokens in id order, so argmin / first-seen ties pick the lowest id.
+    # Candidates: the target's ordinary tokens in id order (first-seen exact matches pick the lowest id;
+    # MinED ties are broken by _TieBreak).
     candidates = np.flatnonzero(~target_special)
     # Exact matches: a target may spell one text twice, e.g. "\n" as a merged piece and as <0x0A>. The
     # piece of the same kind wins (byte token for byte token, text for text: identical tokenizers give the
@@ -249,15 +272,118 @@ def compute_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | N
             todo.append(i)
 
     choices = [target[j] for j in candidates]
+    ties = _TieBreak(teacher, choices, target_byte[candidates], candidates, target_tokenizer) if todo else None
     for start in range(0, len(todo), _CHUNK):
         rows_i = todo[start:start + _CHUNK]
-        d = process.cdist([teacher[i] for i in rows_i], choices, scorer=Levenshtein.distance,
-                          dtype=np.int32, workers=-1)
-        best = d.argmin(axis=1)  # first minimum = lowest target id
+        texts = [teacher[i] for i in rows_i]
+        # uint8 distances (a quarter of the memory traffic); beyond the cut-off rapidfuzz writes _FAR
+        d = process.cdist(texts, choices, scorer=Levenshtein.distance, dtype=np.uint8, score_cutoff=_FAR - 1,
+                          workers=-1)
+        best, low = ties(rows_i, d)
+        far = np.flatnonzero(low >= _FAR)  # every candidate beyond the cut-off: exact distances, int32
+        if far.size:
+            d = process.cdist([texts[k] for k in far], choices, scorer=Levenshtein.distance, dtype=np.int32,
+                              workers=-1)
+            best[far], low[far] = ties([rows_i[k] for k in far], d)
         ids[rows_i] = candidates[best]
-        distance[rows_i] = d[np.arange(len(rows_i)), best]
+        distance[rows_i] = low
     exact[:n_teacher] |= (distance[:n_teacher] == 0) & ~special[:n_teacher]
     return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher)
+
+
+def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All strings' code points in one flat uint32 array, with each string's offset and length in it."""
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    offsets = np.zeros(len(strings), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    flat = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return flat, offsets, lengths
+
+
+class _TieBreak:
+    """Picks, for each row of a chunk of teacher-by-candidate distances, the tied candidate that the
+    module docstring's order prefers: (target's first token and ordinary, ordinary, longest common
+    prefix, lowest id), as one int64 key per tied (row, candidate) pair, maximised per row."""
+
+    def __init__(self, teacher: list[str], choices: list[str], choice_byte: np.ndarray, candidates: np.ndarray,
+                 target_tokenizer):
+        if len(candidates) >= 1 << _ID_BITS:
+            raise FusionError(f"a target vocabulary of {len(candidates)} tokens is too large for the MinED tie-break")
+        self.teacher = teacher
+        self.ordinary = ~choice_byte
+        self.position = np.full(int(candidates.max()) + 1 if len(candidates) else 0, -1, dtype=np.int64)
+        self.position[candidates] = np.arange(len(candidates))
+        self.teacher_codes = _code_points(teacher)
+        self.choice_codes = _code_points(choices)
+        backend = target_tokenizer.backend_tokenizer
+        self.pre_tokenizer, self.model = backend.pre_tokenizer, backend.model
+        family, self.marker, _ = tokenizer_family(target_tokenizer)
+        if self.pre_tokenizer is None and family == "metaspace":  # e.g. Llama-2's: the normalizer does it
+            self.space = self.marker
+        else:
+            self.space = None
+
+    def first_piece(self, text: str) -> int:
+        """The candidate position of the first token the target's tokenizer emits for ``text`` in the
+        middle of a text (no prepended ``▁``); -1 when it is no candidate or the text cannot be encoded."""
+        if not text or _SURROGATE.search(text):
+            return -1
+        try:
+            if self.pre_tokenizer is not None:
+                words = self.pre_tokenizer.pre_tokenize_str(text)
+                word = words[0][0] if words else ""
+                if self.marker and not text.startswith(" ") and word.startswith(self.marker):
+                    word = word[1:] or (words[1][0] if len(words) > 1 else "")
+            else:
+                word = text.replace(" ", self.space) if self.space else text
+            tokens = self.model.tokenize(word) if word else []
+        except Exception:  # an exotic pre-tokenizer or model: no preference, the other rules decide
+            return -1
+        if not tokens or not 0 <= tokens[0].id < len(self.position):
+            return -1
+        return int(self.position[tokens[0].id])
+
+    def _common_prefix(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Length of the common prefix of teacher string ``rows[k]`` and candidate ``cols[k]``, capped."""
+        t_flat, t_off, t_len = self.teacher_codes
+        c_flat, c_off, c_len = self.choice_codes
+        lcp = np.zeros(len(rows), dtype=np.int64)
+        alive = np.flatnonzero(np.minimum(t_len[rows], c_len[cols]) > 0)
+        k = 0
+        while alive.size and k < _LCP_CAP:  # pairs drop out at their first difference: a few passes
+            r, c = rows[alive], cols[alive]
+            alive = alive[t_flat[t_off[r] + k] == c_flat[c_off[c] + k]]
+            lcp[alive] += 1
+            k += 1
+            alive = alive[np.minimum(t_len[rows[alive]], c_len[cols[alive]]) > k]
+        return lcp
+
+    def __call__(self, rows_i: list[int], d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(chosen candidate position, minimum distance)`` of each row of ``d``, the distances of teacher
+        rows ``rows_i`` to every candidate."""
+        low = d.min(axis=1)
+        flat = np.flatnonzero(d == low[:, None])  # every tied (row, candidate) pair, row-major: id order
+        r, cols = np.divmod(flat, d.shape[1])
+        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # one run per row, rows in order
+        best = cols[starts]  # the lowest id: right where the minimum is unique
+        many = (np.diff(np.r_[starts, len(r)]) > 1)[r]
+        if many.any():
+            r, cols = r[many], cols[many]
+            ordinary = self.ordinary[cols]
+            teacher_rows = np.asarray(rows_i, dtype=np.int64)
+            # The target's own first token, of any kind: a byte token only if the target emits it here.
+            first = np.full(len(d), -1, dtype=np.int64)
+            for k in np.unique(r):
+                first[k] = self.first_piece(self.teacher[teacher_rows[k]])
+            lcp = np.minimum(self._common_prefix(teacher_rows[r], cols), _LCP_CAP)
+            key = ((cols == first[r]).astype(np.int64) << (_ID_BITS + 17)
+                   | ordinary.astype(np.int64) << (_ID_BITS + 16)
+                   | lcp << _ID_BITS
+                   | ((1 << _ID_BITS) - 1 - cols))
+            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+            top = np.maximum.reduceat(key, starts)
+            best[r[starts]] = (1 << _ID_BITS) - 1 - (top & ((1 << _ID_BITS) - 1))
+        return best, low.astype(np.int32)
 
 
 def vocab_map_key(teacher_tokenizer, target_tokenizer, teacher_rows: int) -> str:

@@ -21,6 +21,7 @@ BENCHMARKS = {  # name -> module with run() -> list[dict]
     "alignment": "bench.alignment",
     "storage": "bench.storage",
     "fusion_step": "bench.fusion_step",
+    "extraction": "bench.extraction",
 }
 
 

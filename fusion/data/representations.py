@@ -155,20 +155,80 @@ class TeacherModule(pl.LightningModule):
         model.eval()
         self.teacher.append(model)
 
+    # Rows of logits are log-softmaxed in float32 a chunk at a time, into a buffer of at most this many
+    # floats (16 MiB; at least one row), never the whole sequence: a float32 [L, V] copy is 1.2 GB at
+    # 2,048 x 151,936 and twice that with its log-softmax, each written and read back from memory. A
+    # 16 MiB chunk (27 rows at V = 152k) stays in a CPU's L3 and a GPU's L2 (~50 MB, with the float32
+    # copy a bf16 chunk needs), so only the logits are read from memory. Smaller chunks mean more
+    # kernel launches (~600 for 8 x 2,048 tokens at V = 152k, 2 per chunk), larger ones memory passes:
+    # on a 2-core CPU at V = 152k, 2^22 and 2^20 took 92 ms, 2^24 110 ms and 2^26 156 ms for 1,022 rows.
+    _CHUNK_ELEMENTS = 1 << 22
+
     @torch.inference_mode()
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[ChunkPredictions]:
+        """The batch's `ChunkPredictions`, one per sequence, without a float32 [L, V] tensor.
+
+        Per sequence (the rows before its padding, views of the logits): top-k ids on the logits in
+        the model's dtype (log-softmax is a shift by log Z per row, so it keeps their order), then the
+        log-softmax in float32 a chunk of rows at a time (`_CHUNK_ELEMENTS`), from which the top-k
+        ids' and the actual next token's log-probs are gathered. The numbers are those of a float32
+        log-softmax of each row, as before (bit for bit on CPUs), NaN/inf included: a row with a NaN
+        or +inf logit gives NaN log-probs, a -inf logit of the next token an infinite CE, and the
+        chunk is flagged `bad`. Log Z comes from the fused row-wise log-softmax kernel rather than
+        `torch.logsumexp`, which is unfused (max, subtract, exp, sum: four passes over a chunk and two
+        float32 copies of it): at V = 152k on a CPU, logsumexp took 2.7x as long over the same chunks,
+        and a hand-written max / subtract / exp / sum 2x. All of the batch's results are packed into
+        one int32 tensor on the device and copied to the host once.
+
+        Every position's logits are needed (all but each sequence's last), so the model is not asked
+        for fewer (HF's ``logits_to_keep``). Transformers 5 returns the logits in the model's dtype;
+        versions that upcast them to float32 in the model (Llama before ~4.45) would make the [B, L, V]
+        logits themselves float32, which nothing here can avoid.
+        """
         model = self.teacher[0]
+        # Read before the forward is queued, so that these small copies wait for nothing.
+        chunk_ids, lengths = batch["chunk_ids"].tolist(), batch["lengths"].tolist()
         input_ids = batch["input_ids"].to(model.device)
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
-        out = []
-        for row, (chunk_id, length) in enumerate(zip(batch["chunk_ids"].tolist(), batch["lengths"].tolist())):
-            # One sequence at a time: a float32 copy of [L, V] logits, not [B, L, V].
-            logprobs = torch.log_softmax(logits[row, :length - 1].float(), dim=-1)
-            top = logprobs.topk(self.top_k, dim=-1)
-            nll = -logprobs.gather(-1, input_ids[row, 1:length, None]).squeeze(-1)
-            out.append(ChunkPredictions(chunk_id=chunk_id, tokens=input_ids[row, :length].cpu().numpy(),
-                                        topk_ids=top.indices.cpu().numpy(), topk_logprobs=top.values.cpu().numpy(),
-                                        token_ce=nll.cpu().numpy()))
+        k, vocab, device = self.top_k, logits.shape[-1], logits.device
+        rows = [max(n - 1, 0) for n in lengths]  # position t predicts token t + 1
+        chunk = max(1, self._CHUNK_ELEMENTS // vocab)
+        buffer = torch.empty(min(chunk, max(rows)), vocab, dtype=torch.float32, device=device)
+        picked = torch.empty(sum(rows), k + 1, dtype=torch.float32, device=device)  # top-k log-probs, next token's
+        top_ids, tokens, offset = [], [], 0
+        for row, n in enumerate(rows):
+            seq_logits = logits[row, :n]  # a view: the rows before the padding
+            ids = seq_logits.topk(k, dim=-1).indices  # [n, k], on the logits in their dtype
+            index = torch.cat([ids, input_ids[row, 1:n + 1, None]], dim=-1)
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                logprobs = buffer[:stop - start]
+                torch.log_softmax(seq_logits[start:stop], dim=-1, dtype=torch.float32, out=logprobs)
+                torch.gather(logprobs, 1, index[start:stop], out=picked[offset + start:offset + stop])
+            top_ids.append(ids)
+            tokens.append(input_ids[row, :lengths[row]])
+            offset += n
+        # One copy to the host: the top-k ids, the float32 log-probs' bits and the tokens, as one int32 tensor.
+        flat = torch.cat([torch.cat(top_ids).to(torch.int32).flatten(), picked.view(torch.int32).flatten(),
+                          torch.cat(tokens).to(torch.int32)]).cpu()
+        return self._unpack(flat, chunk_ids, lengths, k)
+
+    @staticmethod
+    def _unpack(flat: torch.Tensor, chunk_ids: list[int], lengths: list[int], k: int) -> list[ChunkPredictions]:
+        """`predict_step`'s packed host tensor back into one `ChunkPredictions` per sequence."""
+        rows = [max(n - 1, 0) for n in lengths]
+        total = sum(rows)
+        ids = flat[:total * k].view(total, k).long()
+        picked = flat[total * k:total * (2 * k + 1)].view(torch.float32).view(total, k + 1)
+        tokens = flat[total * (2 * k + 1):].long()
+        out, row, token = [], 0, 0
+        for chunk_id, n, length in zip(chunk_ids, rows, lengths):
+            seq = picked[row:row + n]
+            out.append(ChunkPredictions(chunk_id=chunk_id, tokens=tokens[token:token + length].numpy(),
+                                        topk_ids=ids[row:row + n].numpy(),
+                                        topk_logprobs=seq[:, :k].contiguous().numpy(),
+                                        token_ce=(-seq[:, k]).numpy()))
+            row, token = row + n, token + length
         return out
 
 

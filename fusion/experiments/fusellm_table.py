@@ -1,6 +1,6 @@
 """The FuseLLM paper's comparison in miniature, on the embedded zoo: one command, one table, one plot.
 
-    python -m fusion.experiments.fusellm_table            # ~20 minutes on 2 CPU cores once the zoo exists
+    python -m fusion.experiments.fusellm_table            # ~7 minutes on 2 CPU cores once the zoo and shards exist
 
 Every variant starts from the same target (``zoo:target``), reads the same chunks in the same order
 and trains for the same steps (those of ``recipes/fusellm.yaml``); only the objective differs:

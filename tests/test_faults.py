@@ -240,3 +240,28 @@ def test_a_signal_during_training_saves_last_ckpt_exits_128_plus_it_and_resumes(
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert len(steps) == len(set(steps)) == 60
     assert json.loads((out / "stages" / "train.json").read_text())["result"]["global_step"] == 60
+
+
+def test_ctrl_c_during_extraction_exits_130_and_keeps_the_finished_shards(tmp_path, zoo_dir, cache_dir):
+    store, out = tmp_path / "store", tmp_path / "run"
+    args = fusellm_overrides(out, zoo_dir, cache_dir, **{"representations.dir": str(store),
+                                                         "representations.chunks_per_shard": 4,
+                                                         "representations.batch_size": 1})
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "fusion.fit", "--recipe", "fusellm.yaml", *args], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(list(store.glob("target-*/shard-*.json"))) < 2 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
+        "interrupted by SIGINT; run the same command again to resume")
+    kept = mtimes(store, "*/shard-*.npz")
+    assert kept and not (out / "stages" / "representations.json").exists()
+    result = run_fit("--recipe", "fusellm.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = mtimes(store, "*/shard-*.npz")
+    assert all(after[name] == kept[name] for name in kept)  # the finished shards were not computed again
+    assert len(after) > len(kept)

@@ -33,6 +33,20 @@ def zoo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def zoo(zoo_dir) -> dict:
+    """name -> (tokenizer, config vocab_size) for the small zoo's three models."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fusion.zoo import resolve_model
+
+    out = {}
+    for name in ("target", "gpt2-code", "neox-prose"):
+        path = resolve_model(f"zoo:{name}", "small", zoo_dir)
+        out[name] = (AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path).vocab_size)
+    return out
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 

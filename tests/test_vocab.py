@@ -6,23 +6,12 @@ import random
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from fusion.data import vocab
 from fusion.data.vocab import build_vocab_map, canonical_tokens, tokenizer_family, vocab_map_key
 from fusion.errors import FusionError
 from fusion.reference import levenshtein
-from fusion.zoo import resolve_model
-
-
-@pytest.fixture(scope="module")
-def zoo(zoo_dir):
-    """name -> (tokenizer, config vocab_size) for the three zoo models."""
-    out = {}
-    for name in ("target", "gpt2-code", "neox-prose"):
-        path = resolve_model(f"zoo:{name}", "small", zoo_dir)
-        out[name] = (AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path).vocab_size)
-    return out
 
 
 def test_byte_decoder_is_gpt2s_alphabet():

@@ -36,7 +36,7 @@ from fusion.data.representations import (
     teacher_store,
 )
 from fusion.data.store import TeacherStore
-from fusion.data.text import document_splits, load_tokenizer, tokenizer_fingerprint
+from fusion.data.text import document_splits, load_tokenizer, source_fingerprint, tokenizer_fingerprint
 from fusion.data.vocab import build_vocab_map
 from fusion.errors import FusionError
 from fusion.zoo import resolve_model
@@ -53,8 +53,6 @@ def store_root(recipe: Recipe) -> Path:
 
 def corpus_key(recipe: Recipe) -> str:
     """What the training documents depend on: the source's content (`source_fingerprint`) and how it is split."""
-    from fusion.data.text import source_fingerprint
-
     d = recipe.data
     key = {"source": source_fingerprint(d), "subset": d.subset,
            "domains": d.domains if d.source == "embedded" else None,

@@ -5,7 +5,8 @@ same batch and mask) / time of ``predict_step`` on that batch, which is that for
 log-probs, the teacher's CE on its own tokens and the copy to the host: 1.0 would be free extraction.
 ``baseline`` is the same ratio for the implementation before issue 10 (kept below as `_old_predict_step`:
 a float32 log-softmax of each sequence's whole [L, V] logits, top-k on it, host copies per sequence),
-measured in the same process; ``ratio`` = baseline / value.
+measured in the same process; ``ratio`` = baseline / value. ``plain_topk_ratio`` is the new code with
+`torch.topk` in place of its block top-k (`TeacherModule._topk_ids`).
 
 Models are random-weight configs (nothing is downloaded), full-length sequences, top-k = 10:
 
@@ -13,8 +14,8 @@ Models are random-weight configs (nothing is downloaded), full-length sequences,
   at V = 32,000, 2 x 512 tokens.
 - CUDA (bf16): the shapes of TinyLlama-1.1B (22 layers, hidden 2,048, V = 32,000) and Qwen2.5-1.5B
   (28 layers, hidden 1,536, V = 151,936), 8 x 2,048 tokens; also the peak memory growth of each
-  variant over the weights, and the new code at other `TeacherModule._CHUNK_ELEMENTS` (the float32
-  log-softmax chunk), to tune it.
+  variant over the weights, and ``eager_log_z_ratio``: the new code with the eager float32 log-softmax
+  (the CPU path) in place of the fused Triton log Z (`fusion.modules.kernels.row_log_z`).
 
 Variants alternate in one process: ``ROUNDS`` rounds in rotating order, each timing every variant
 ``STEPS`` times after a warm-up; ``value`` / ``baseline`` are the median over the rounds of the ratio of
@@ -35,6 +36,7 @@ import torch
 
 from fusion.data.representations import TeacherModule
 from fusion.data.store import ChunkPredictions
+from fusion.modules import kernels
 
 ROUNDS = int(os.environ.get("FUSION_BENCH_ROUNDS", 7))
 STEPS, TOP_K = 1, 10
@@ -54,7 +56,6 @@ GPU_MODELS = {
                              "rope_theta": 1000000.0, "tie_word_embeddings": True}),  # Qwen2.5-1.5B
 }
 GPU_BATCH = (8, 2048)
-GPU_CHUNKS = (1 << 20, 1 << 23, 1 << 24, 1 << 26)  # besides the default, to tune it
 
 
 @torch.inference_mode()
@@ -126,8 +127,7 @@ def _agreement(new: list[ChunkPredictions], old: list[ChunkPredictions]) -> dict
             "tokens_equal": same_tokens}
 
 
-def measure(vocab: int, spec: tuple[str, dict], shape: tuple[int, int], device: str, dtype: torch.dtype,
-            chunks: tuple[int, ...] = ()) -> list[dict]:
+def measure(vocab: int, spec: tuple[str, dict], shape: tuple[int, int], device: str, dtype: torch.dtype) -> list[dict]:
     model = _model(vocab, spec, device, dtype)
     module = TeacherModule("unused", str(dtype).split(".")[-1], "none", TOP_K)
     module.teacher.append(model)
@@ -138,19 +138,25 @@ def measure(vocab: int, spec: tuple[str, dict], shape: tuple[int, int], device: 
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     logits_dtype = str(forward().dtype).split(".")[-1]
-    default = TeacherModule._CHUNK_ELEMENTS
 
-    def new(chunk: int = default) -> Callable[[], object]:
+    def new(plain_topk: bool = False, eager_log_z: bool = False) -> Callable[[], object]:
         def step():
-            TeacherModule._CHUNK_ELEMENTS = chunk
+            if plain_topk:  # an instance attribute shadows the class's method for this call only
+                module._topk_ids = lambda logits, k: logits.topk(k, dim=-1).indices
+            available = kernels.available
+            if eager_log_z:
+                kernels.available = lambda tensor: False
             try:
                 return module.predict_step(batch)
             finally:
-                TeacherModule._CHUNK_ELEMENTS = default
+                module.__dict__.pop("_topk_ids", None)
+                kernels.available = available
         return step
 
-    variants = {"forward": forward, "new": new(), "old": lambda: _old_predict_step(module, batch)}
-    variants.update({f"new_chunk{c}": new(c) for c in chunks if c != default})
+    variants = {"forward": forward, "new": new(), "old": lambda: _old_predict_step(module, batch),
+                "new_plain_topk": new(plain_topk=True)}
+    if kernels.available(batch["input_ids"]):
+        variants["new_eager_log_z"] = new(eager_log_z=True)
     check = _agreement(new()(), _old_predict_step(module, batch))
     times, growth = _rounds(variants, device)
 
@@ -168,34 +174,34 @@ def measure(vocab: int, spec: tuple[str, dict], shape: tuple[int, int], device: 
                   "steps": STEPS, "device": torch.cuda.get_device_name() if device == "cuda" else device}
     value, spread = ratio("new")
     baseline, old_spread = ratio("old")
+    plain, plain_spread = ratio("new_plain_topk")
+    extra = {}
+    if "new_eager_log_z" in variants:
+        eager, eager_spread = ratio("new_eager_log_z")
+        extra = {"eager_log_z_ratio": round(eager, 3), "eager_log_z_spread": eager_spread,
+                 "eager_log_z_ms": ms["new_eager_log_z"]}
     figures = [{"bench": "extraction", "metric": "extraction_forward_ratio", "value": round(value, 3),
                 "unit": "x predict_step time (bare forward / predict_step)", "spread": spread,
                 "baseline": round(baseline, 3), "baseline_spread": old_spread, "ratio": round(baseline / value, 3),
                 "forward_ms": ms["forward"], "predict_ms": ms["new"], "old_predict_ms": ms["old"],
-                "chunk_elements": default, **check, **shape_info}]
+                "plain_topk_ratio": round(plain, 3), "plain_topk_spread": plain_spread,
+                "plain_topk_ms": ms["new_plain_topk"], **extra, **check, **shape_info}]
     gb = {name: round(g / 2**30, 2) for name, g in growth.items()}
     if device == "cuda":
         figures.append({"bench": "extraction", "metric": "extraction_mem_growth_gb", "value": gb["new"],
                         "unit": "GB peak over the weights", "baseline": gb["old"], "forward_gb": gb["forward"],
                         "ratio": round(gb["old"] / max(gb["new"], 1e-9), 3), **shape_info})
-    for c in chunks:
-        if c != default:
-            value_c, spread_c = ratio(f"new_chunk{c}")
-            figures.append({"bench": "extraction", "metric": "extraction_forward_ratio_by_chunk",
-                            "value": round(value_c, 3), "unit": "x predict_step time", "spread": spread_c,
-                            "chunk_elements": c, "predict_ms": ms[f"new_chunk{c}"],
-                            **({"mem_growth_gb": gb[f"new_chunk{c}"]} if device == "cuda" else {}), **shape_info})
     return figures  # the model, its batch and outputs go with this frame
 
 
 def run() -> list[dict]:
     if torch.cuda.is_available():
-        models, shape, device, dtype, chunks = GPU_MODELS, GPU_BATCH, "cuda", torch.bfloat16, GPU_CHUNKS
+        models, shape, device, dtype = GPU_MODELS, GPU_BATCH, "cuda", torch.bfloat16
     else:
-        models, shape, device, dtype, chunks = CPU_MODELS, CPU_BATCH, "cpu", torch.float32, ()
+        models, shape, device, dtype = CPU_MODELS, CPU_BATCH, "cpu", torch.float32
     figures = []
     for vocab, spec in models.items():
-        figures += measure(vocab, spec, shape, device, dtype, chunks)
+        figures += measure(vocab, spec, shape, device, dtype)
         if device == "cuda":
             torch.cuda.empty_cache()
     return figures

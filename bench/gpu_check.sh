@@ -2,8 +2,9 @@
 # What only a GPU can check, in one call: the Triton kernel against the eager loss, the fusion_step
 # benchmark at realistic shapes (the loss alone at 32k and 152k in bf16; the whole bf16-mixed step of a
 # Qwen2.5-1.5B-shape model against HF's and liger-kernel's, memory and gradients included), then the
-# embedded FuseLLM default end to end under FSDP with activation checkpointing (FULL=1: also the whole
-# default in bf16-mixed).
+# teacher-extraction benchmark (predict_step against a bare bf16 forward at 32k and 152k), then the embedded
+# FuseLLM default end to end under FSDP with activation checkpointing (FULL=1: also the whole default in
+# bf16-mixed). ONLY="kernel_tests extraction" runs just those steps.
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Missing packages can come as wheels in .whl/ (liger-kernel, datasets, rapidfuzz, ...), and a built zoo
 # in .gpu/zoo (FUSION_ZOO_DIR), so the machine needs no network.
@@ -19,8 +20,10 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false FUSION_CACHE=${FUSION_CACHE:-/tmp/fusion-cache}
 [ -d .gpu/zoo ] && export FUSION_ZOO_DIR=$PWD/.gpu/zoo
 common="wandb.mode=disabled trainer.accelerator=gpu"
+only=${ONLY:-kernel_tests fusion_step extraction fusellm_fsdp}
 step() {  # name, seconds, command...: run it with a time limit, keep its log, print its tail and exit code
   local name=$1 limit=$2; shift 2
+  [[ " $only " == *" $name "* ]] || return 0
   local start=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
@@ -30,19 +33,21 @@ step() {  # name, seconds, command...: run it with a time limit, keep its log, p
 nvidia-smi -L
 $py -c "import torch, lightning, transformers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 step kernel_tests 90 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py
-step bench_fusion_step 250 $py bench/run.py fusion_step
-grep '^{' "$out/bench_fusion_step.log" > "$out/fusion_step.jsonl"
+step fusion_step 250 $py bench/run.py fusion_step
+step extraction 200 $py bench/run.py extraction
+cat "$out"/fusion_step.log "$out"/extraction.log 2>/dev/null | grep '^{' > "$out/figures.jsonl"
 step fusellm_fsdp 110 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/fsdp trainer.strategy=fsdp \
   "fsdp.wrap=[LlamaDecoderLayer]" fsdp.activation_checkpointing=true trainer.precision=bf16-mixed \
   trainer.max_steps=60 trainer.val_every_n_steps=60 $common
-[ "${FULL:-0}" = 1 ] && step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 \
+[ "${FULL:-0}" = 1 ] && only="$only fusellm_bf16_mixed" && step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 \
   trainer.precision=bf16-mixed $common
 echo "== summary"
-$py - "$out/fusion_step.jsonl" <<'EOF'
+$py - "$out/figures.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
     f = json.loads(line)
     keys = ("metric", "variant", "vocab", "value", "spread", "ms", "hf_clm_ms", "step_ms", "hf_step_ms", "mb",
-            "hf_clm_mb", "hf_gb", "vs_our_clm", "errors")
+            "hf_clm_mb", "hf_gb", "vs_our_clm", "errors", "baseline", "chunk_elements", "predict_ms", "forward_ms",
+            "mem_growth_gb", "forward_gb", "max_logprob_diff", "topk_id_agreement")
     print({k: f[k] for k in keys if k in f})
 EOF

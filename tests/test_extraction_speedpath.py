@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusion.data.representations import TeacherModule
+from fusion.modules import kernels
 from fusion.zoo import resolve_model
 
 LENGTHS = [41, 17, 2, 30]  # padded to 41 in one batch; a 2-token sequence has one prediction row
@@ -41,7 +42,8 @@ def make_batch(vocab: int, lengths: list[int] = LENGTHS, seed: int = 0) -> dict:
 @torch.inference_mode()
 def reference(model, batch: dict, top_k: int) -> list[dict]:
     """The implementation before issue 10: a float32 log-softmax of each whole sequence, top-k on it."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    input_ids = batch["input_ids"].to(model.device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits.cpu()
     out = []
     for row, length in enumerate(batch["lengths"].tolist()):
         logprobs = torch.log_softmax(logits[row, :length - 1].float(), dim=-1)
@@ -92,6 +94,17 @@ def test_bfloat16_logits_tie_often_and_still_match(teacher_path, monkeypatch):
     batch = make_batch(model.config.vocab_size, seed=1)
     assert model(input_ids=batch["input_ids"][:1]).logits.dtype == torch.bfloat16
     assert_matches(module.predict_step(batch), reference(model, batch, 10), 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_log_z_path_on_cuda_matches_too(teacher_path, dtype):
+    module = teacher(teacher_path, 10, dtype)
+    model = module.teacher[0]
+    batch = make_batch(model.config.vocab_size, seed=2)
+    model.to("cuda")
+    assert kernels.available(torch.empty(1, device="cuda"))
+    assert_matches(module.predict_step(batch), reference(model, batch, 10), 10)  # the same logits, eager
 
 
 class _Poisoned(torch.nn.Module):
@@ -165,3 +178,21 @@ def test_no_float32_copy_of_the_logits_and_one_host_copy(teacher_path, monkeypat
     wide = [shape for dtype, shape in shapes.seen if dtype == torch.float32 and shape and shape[-1] == vocab]
     assert wide and max(int(np.prod(s)) for s in wide) <= 8 * vocab, wide  # only the chunk buffer
     assert len(copies) == 1
+
+
+@pytest.mark.parametrize("vocab", [50, 1280, 1290, 5003])
+def test_block_top_k_picks_the_largest_values(vocab):
+    """`_topk_ids` (block maxima, then the top k among the best blocks' and the tail's columns) returns the
+    values `torch.topk` returns, in descending order, distinct ids, with ties, -inf, vocabularies that
+    fill no whole block and ones with fewer blocks than k."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(64, vocab, generator=g).to(torch.bfloat16)  # bf16: many exact ties
+    logits[3] = 0.0  # all tied
+    logits[4, : vocab // 2] = float("-inf")
+    logits[5, -3:] = 50.0  # the largest values sit in the tail columns
+    for k in (1, 10, 12):
+        ids = TeacherModule._topk_ids(logits, k)
+        want = logits.topk(k, dim=-1).values
+        assert ids.shape == (64, k)
+        assert torch.equal(logits.gather(1, ids), want)
+        assert all(len(set(row)) == k for row in ids.tolist())

@@ -67,3 +67,21 @@ def test_vocab_loss_with_the_kernel_equals_the_eager_path(monkeypatch, dtype, th
     for a, b in zip(fused_grads, eager_grads):
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the gradient rounded once, or twice
         assert ((a.float() - b.float()).norm() / b.float().norm()) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_log_z_is_logsumexp_with_nan_and_inf_as_log_softmax_has_them(dtype):
+    g = torch.Generator(DEVICE).manual_seed(1)
+    logits = (torch.randn(6, 5003, device=DEVICE, generator=g) * 4).to(dtype)
+    logits[1, 17] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, :100] = float("-inf")  # some zero probabilities: log Z is still finite
+    logits[4] = float("-inf")
+    lse = kernels.row_log_z(logits[:, :5000])  # a view whose rows are contiguous but strided
+    want = torch.log_softmax(logits[:, :5000].float(), -1)[:, 0]  # log Z = logit - log-prob
+    want = logits[:, 0].float() - want
+    finite = [0, 3, 5]
+    ref = logits[finite, :5000].double().logsumexp(-1)
+    torch.testing.assert_close(lse[finite].double(), ref, rtol=0, atol=1e-5)
+    assert torch.isnan(lse[[1, 2]]).all() and torch.isnan(want[[1, 2]]).all()  # NaN, and inf - inf
+    assert not torch.isfinite(lse[4])  # every logit -inf: no distribution

@@ -38,6 +38,7 @@ from fusion.data.chunks import sequence_ids
 from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
 from fusion.data.text import load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError, first_line
+from fusion.modules import kernels
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -156,29 +157,63 @@ class TeacherModule(pl.LightningModule):
         self.teacher.append(model)
 
     # Rows of logits are log-softmaxed in float32 a chunk at a time, into a buffer of at most this many
-    # floats (16 MiB; at least one row), never the whole sequence: a float32 [L, V] copy is 1.2 GB at
-    # 2,048 x 151,936 and twice that with its log-softmax, each written and read back from memory. A
-    # 16 MiB chunk (27 rows at V = 152k) stays in a CPU's L3 and a GPU's L2 (~50 MB, with the float32
-    # copy a bf16 chunk needs), so only the logits are read from memory. Smaller chunks mean more
-    # kernel launches (~600 for 8 x 2,048 tokens at V = 152k, 2 per chunk), larger ones memory passes:
-    # on a 2-core CPU at V = 152k, 2^22 and 2^20 took 92 ms, 2^24 110 ms and 2^26 156 ms for 1,022 rows.
-    _CHUNK_ELEMENTS = 1 << 22
+    # floats (at least one row), never the whole sequence: a float32 [L, V] copy is 1.2 GB at 2,048 x
+    # 151,936 and twice that with its log-softmax. On a CPU, 16 MiB (27 rows at V = 152k) stays in L3,
+    # so only the logits are read from memory: on 2 cores at V = 152k, 2^22 and 2^20 took 92 ms, 2^24
+    # 110 ms and 2^26 156 ms for 1,022 rows. On a GPU each chunk costs a few kernel launches, which
+    # dominate small chunks: on an H200 at V = 152k, 8 x 2,048 tokens, 2^20 / 2^22 / 2^23 / 2^24 / 2^26
+    # gave 0.45 / 0.67 / 0.71 / 0.73 / 0.75 of a bare forward's speed (`bench/run.py extraction`).
+    _CHUNK_ELEMENTS = 1 << 22  # on a CPU
+    _GPU_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32: on every other device
+    _TOPK_BLOCK = 128  # columns per block of `_topk_ids`
+
+    @classmethod
+    def chunk_elements(cls, device: torch.device) -> int:
+        return cls._CHUNK_ELEMENTS if device.type == "cpu" else cls._GPU_CHUNK_ELEMENTS
+
+    @classmethod
+    def _topk_ids(cls, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """``logits.topk(k).indices`` of a 2-D ``[n, V]`` tensor (values descending), from one pass over it.
+
+        `torch.topk` over 152k columns is a multi-pass radix select per row, slower than the forward
+        that made the logits on a GPU. Instead: the maximum of each block of `_TOPK_BLOCK` columns (one
+        read), the k blocks with the largest maxima, and the top k among their columns and the tail
+        columns that fill no whole block. A block holding one of the k largest values has a maximum at
+        least the k-th largest value, which at most k-1 other blocks reach, so those k blocks hold them
+        all (at exact ties any of the tied ids may be chosen, as with `torch.topk`).
+        """
+        n, vocab = logits.shape
+        block = cls._TOPK_BLOCK
+        blocks = vocab // block
+        if blocks <= k or n == 0:
+            return logits.topk(k, dim=-1).indices
+        whole = blocks * block
+        maxima = logits[:, :whole].view(n, blocks, block).amax(dim=-1)
+        chosen = maxima.topk(k, dim=-1).indices  # [n, k]
+        columns = (chosen[:, :, None] * block + torch.arange(block, device=logits.device)).view(n, k * block)
+        if whole < vocab:
+            tail = torch.arange(whole, vocab, device=logits.device).expand(n, vocab - whole)
+            columns = torch.cat([columns, tail], dim=1)
+        best = logits.gather(1, columns).topk(k, dim=-1).indices
+        return columns.gather(1, best)
 
     @torch.inference_mode()
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[ChunkPredictions]:
         """The batch's `ChunkPredictions`, one per sequence, without a float32 [L, V] tensor.
 
         Per sequence (the rows before its padding, views of the logits): top-k ids on the logits in
-        the model's dtype (log-softmax is a shift by log Z per row, so it keeps their order), then the
-        log-softmax in float32 a chunk of rows at a time (`_CHUNK_ELEMENTS`), from which the top-k
+        the model's dtype (`_topk_ids`; log-softmax is a shift by log Z per row, so it keeps their order), then the
+        log-softmax in float32 a chunk of rows at a time (`chunk_elements`), from which the top-k
         ids' and the actual next token's log-probs are gathered. The numbers are those of a float32
         log-softmax of each row, as before (bit for bit on CPUs), NaN/inf included: a row with a NaN
         or +inf logit gives NaN log-probs, a -inf logit of the next token an infinite CE, and the
         chunk is flagged `bad`. Log Z comes from the fused row-wise log-softmax kernel rather than
         `torch.logsumexp`, which is unfused (max, subtract, exp, sum: four passes over a chunk and two
         float32 copies of it): at V = 152k on a CPU, logsumexp took 2.7x as long over the same chunks,
-        and a hand-written max / subtract / exp / sum 2x. All of the batch's results are packed into
-        one int32 tensor on the device and copied to the host once.
+        and a hand-written max / subtract / exp / sum 2x. On CUDA with Triton, log Z comes from a fused
+        kernel instead (`kernels.row_log_z`: one read of the logits, no float32 copy; the log-probs agree
+        with the log-softmax's to float32 rounding). All of the batch's results are packed into one
+        int32 tensor on the device and copied to the host once.
 
         Every position's logits are needed (all but each sequence's last), so the model is not asked
         for fewer (HF's ``logits_to_keep``). Transformers 5 returns the logits in the model's dtype;
@@ -192,19 +227,25 @@ class TeacherModule(pl.LightningModule):
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
         k, vocab, device = self.top_k, logits.shape[-1], logits.device
         rows = [max(n - 1, 0) for n in lengths]  # position t predicts token t + 1
-        chunk = max(1, self._CHUNK_ELEMENTS // vocab)
-        buffer = torch.empty(min(chunk, max(rows)), vocab, dtype=torch.float32, device=device)
+        chunk = max(1, self.chunk_elements(device) // vocab)
+        fused = kernels.available(logits)
+        if not fused:
+            buffer = torch.empty(min(chunk, max(rows)), vocab, dtype=torch.float32, device=device)
         picked = torch.empty(sum(rows), k + 1, dtype=torch.float32, device=device)  # top-k log-probs, next token's
         top_ids, tokens, offset = [], [], 0
         for row, n in enumerate(rows):
             seq_logits = logits[row, :n]  # a view: the rows before the padding
-            ids = seq_logits.topk(k, dim=-1).indices  # [n, k], on the logits in their dtype
+            ids = self._topk_ids(seq_logits, k)  # [n, k], on the logits in their dtype
             index = torch.cat([ids, input_ids[row, 1:n + 1, None]], dim=-1)
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                logprobs = buffer[:stop - start]
-                torch.log_softmax(seq_logits[start:stop], dim=-1, dtype=torch.float32, out=logprobs)
-                torch.gather(logprobs, 1, index[start:stop], out=picked[offset + start:offset + stop])
+            if fused:  # log Z in one read of the logits, no float32 copy of them
+                log_z = kernels.row_log_z(seq_logits)
+                torch.sub(seq_logits.gather(1, index).float(), log_z[:, None], out=picked[offset:offset + n])
+            else:
+                for start in range(0, n, chunk):
+                    stop = min(start + chunk, n)
+                    logprobs = buffer[:stop - start]
+                    torch.log_softmax(seq_logits[start:stop], dim=-1, dtype=torch.float32, out=logprobs)
+                    torch.gather(logprobs, 1, index[start:stop], out=picked[offset + start:offset + stop])
             top_ids.append(ids)
             tokens.append(input_ids[row, :lengths[row]])
             offset += n

@@ -3,18 +3,21 @@
 Tokenizers are the full tiny zoo's (`fusion.zoo`, built or reused in ``~/.cache/fusion/zoo``): the
 target (SentencePiece-style BPE, 1,024 tokens) against both teachers, ``gpt2-code`` (byte-level BPE,
 2,048) and ``neox-prose`` (SentencePiece-style Unigram, 1,500). The chunks are `make_chunks` of a fixed
-shuffle of the embedded corpus's train documents (code and prose) at ``block_size=2048``; ``CHUNKS``
-nearly full ones (at least ``FULL`` target tokens), spread over the documents, are aligned with each
-teacher in one ``align_many`` call, as `fusion.data.align_shards` does (64 chunks per call).
+shuffle of the embedded corpus's train documents of each domain at ``block_size=2048``; ``CHUNKS / 2``
+nearly full ones (at least ``FULL`` target tokens) per domain, spread over the documents, are aligned
+with each teacher in one ``align_many`` call, as `fusion.data.align_shards` does (64 chunks per call),
+and for ``mined`` also one chunk per call.
 Everything runs on one core: the DTW's Levenshtein distances use rapidfuzz with ``workers=1``, and the
 rest is single-threaded numpy.
 
 Figures (throughputs in target tokens per second, counted as the target sequences' lengths):
 
-- ``align_mined_tokens_per_s`` / ``align_offsets_tokens_per_s``: both teachers together (total target
-  tokens aligned / total time), best of ``REPEATS`` timings per teacher; also one figure per teacher;
-- ``align_fallback_rate_<mode>_<teacher>``: the fraction of target positions with no aligned teacher
-  prediction (they fall back to a one-hot on the gold token);
+- ``align_<mode>_tokens_per_s``: both teachers together (total target tokens aligned / total time),
+  best of ``REPEATS`` timings per teacher; also one figure per teacher; ``align_mined_tokens_per_s_single``
+  the same with one chunk per ``align_many`` call;
+- ``align_fallback`` (with ``mode``, ``teacher`` and ``domain``: ``code``, ``prose`` or ``all``): the
+  fraction of target positions with no aligned teacher prediction (they fall back to a one-hot on the
+  gold token);
 - ``align_mined_pairs_agreement``: on the baseline's chunks, the one-to-one DTW pairs of our banded DTW
   against the reference's full DTW, as |ours ∩ reference| / |ours ∪ reference| (1.0 = the same pairs).
 
@@ -47,28 +50,29 @@ from fusion.reference import dtw_path, one_to_one
 from fusion.zoo import resolve_model
 
 BLOCK = 2048
-CHUNKS = 64  # one align_many call, as align_shards batches them
+CHUNKS = 64  # one align_many call, as align_shards batches them; half of them from each domain
 FULL = 1900  # target tokens a chunk needs to count as full-ish
 DOCUMENTS = 160  # shuffled train documents chunked (~1.5 MB of text: a few hundred full chunks)
 TEACHERS = ("gpt2-code", "neox-prose")
-MODES = ("mined", "offsets")
+MODES = ("prefix", "mined", "exact", "offsets")
+DOMAINS = ("code", "prose")
 REPEATS = 3
 BASELINE_TEACHER = "gpt2-code"
 BASELINE_CHUNKS = 2
 
 
-def _chunks(target_tok) -> list[tuple[str, bool]]:
-    """``CHUNKS`` full-ish chunks, evenly spread over those of ``DOCUMENTS`` shuffled documents."""
-    docs = embedded_corpus("train", ("code", "prose"))
+def _chunks(target_tok, domain: str, count: int) -> list[tuple[str, bool]]:
+    """``count`` full-ish chunks of one domain, evenly spread over those of ``DOCUMENTS`` shuffled documents."""
+    docs = embedded_corpus("train", (domain,))
     order = list(range(len(docs)))
     random.Random(0).shuffle(order)
     chunks = make_chunks([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=BLOCK)
     lengths = [len(s) for s in sequence_ids(target_tok, [c[0] for c in chunks], [c[1] for c in chunks])]
     full = [c for c, n in zip(chunks, lengths) if n >= FULL]
-    if len(full) < CHUNKS:
-        raise RuntimeError(f"only {len(full)} chunks of >= {FULL} target tokens; raise DOCUMENTS")
-    step = len(full) / CHUNKS
-    return [full[int(i * step)] for i in range(CHUNKS)]
+    if len(full) < count:
+        raise RuntimeError(f"only {len(full)} {domain} chunks of >= {FULL} target tokens; raise DOCUMENTS")
+    step = len(full) / count
+    return [full[int(i * step)] for i in range(count)]
 
 
 def _reference_align(target_ids, teacher_ids, ends_document, nbytes, tt: TokenTable, ut: TokenTable,
@@ -103,13 +107,15 @@ def _figure(metric: str, value: float, unit: str, **extra) -> dict:
 def run() -> list[dict]:
     target_tok = load_tokenizer(resolve_model("zoo:target", "full", None))
     tt = TokenTable.of(target_tok)
-    chunks = _chunks(target_tok)
+    per_domain = {d: _chunks(target_tok, d, CHUNKS // len(DOMAINS)) for d in DOMAINS}
+    chunks = [c for d in DOMAINS for c in per_domain[d]]
+    domain_of = np.repeat(np.arange(len(DOMAINS)), [len(per_domain[d]) for d in DOMAINS])
     texts, ends = [c[0] for c in chunks], [c[1] for c in chunks]
     nbytes = [len(t.encode()) for t in texts]
     target_seqs = [np.array(s) for s in sequence_ids(target_tok, texts, ends)]
     target_tokens = sum(len(s) for s in target_seqs)
 
-    figures, seconds, rates, setups = [], {m: {} for m in MODES}, {}, {}
+    figures, seconds, rates, setups = [], {m: {} for m in MODES + ("mined_single",)}, {}, {}
     for name in TEACHERS:
         teacher_tok = load_tokenizer(resolve_model(f"zoo:{name}", "full", None))
         ut = TokenTable.of(teacher_tok)
@@ -125,7 +131,17 @@ def run() -> list[dict]:
                 srcs = align_many(sequences, tt, ut, mode, vocab_ids)
                 best = min(best, time.perf_counter() - t0)
             seconds[mode][name] = best
-            rates[(mode, name)] = float(np.mean(np.concatenate(srcs) < 0))
+            for d, domain in enumerate(DOMAINS):
+                fell = np.concatenate([src for src, k in zip(srcs, domain_of) if k == d]) < 0
+                rates[(mode, name, domain)] = float(fell.mean())
+            rates[(mode, name, "all")] = float(np.mean(np.concatenate(srcs) < 0))
+        best = float("inf")
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            for seq in sequences:
+                align_many([seq], tt, ut, "mined", vocab_ids)
+            best = min(best, time.perf_counter() - t0)
+        seconds["mined_single"][name] = best
 
     # Baseline: the FuseLLM-style full DTW on the first chunks with one teacher.
     ut, vocab_ids, sequences = setups[BASELINE_TEACHER]
@@ -141,20 +157,23 @@ def run() -> list[dict]:
         inter, union = inter + len(banded & ref_pairs), union + len(banded | ref_pairs)
 
     common = {"chunks": CHUNKS, "block_size": BLOCK, "target_tokens_per_teacher": target_tokens}
-    for mode in MODES:
+    for mode in MODES + ("mined_single",):
         value = len(TEACHERS) * target_tokens / sum(seconds[mode].values())
         extra = {}
         if mode == "mined":
             extra = {"baseline": round(baseline, 1), "ratio": round(value / baseline, 1),
                      "baseline_chunks": BASELINE_CHUNKS, "baseline_teacher": BASELINE_TEACHER}
-        figures.append(_figure(f"align_{mode}_tokens_per_s", round(value), "target tokens/s",
-                               teachers=list(TEACHERS), **extra, **common))
+        metric = "align_mined_tokens_per_s_single" if mode == "mined_single" else f"align_{mode}_tokens_per_s"
+        figures.append(_figure(metric, round(value), "target tokens/s", teachers=list(TEACHERS),
+                               chunks_per_call=1 if mode == "mined_single" else CHUNKS, **extra, **common))
         for name in TEACHERS:
-            figures.append(_figure(f"align_{mode}_tokens_per_s_{name}", round(target_tokens / seconds[mode][name]),
+            figures.append(_figure(f"{metric}_{name}", round(target_tokens / seconds[mode][name]),
                                    "target tokens/s", **common))
     figures.append(_figure("align_mined_pairs_agreement", round(inter / max(union, 1), 4), "fraction",
                            chunks=BASELINE_CHUNKS, teacher=BASELINE_TEACHER, pairs_in_either=union,
                            same_src=same_src))
-    for (mode, name), rate in rates.items():
-        figures.append(_figure(f"align_fallback_rate_{mode}_{name}", round(rate, 4), "fraction", chunks=CHUNKS))
+    for (mode, name, domain), rate in rates.items():
+        chunks = CHUNKS if domain == "all" else CHUNKS // len(DOMAINS)
+        figures.append(_figure("align_fallback", round(rate, 4), "fraction of target positions", mode=mode,
+                               teacher=name, domain=domain, chunks=chunks))
     return figures

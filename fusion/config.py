@@ -118,9 +118,10 @@ class RepresentationsConfig:
 class FusionConfig:
     """FuseLLM's objective: loss = clm_weight * CLM + (1 - clm_weight) * distillation on the fused teachers."""
 
-    alignment: Literal["mined", "exact", "offsets"] = "mined"
+    alignment: Literal["mined", "exact", "offsets", "prefix"] = "mined"
     """Token alignment (`fusion.data.alignment`): the paper's MinED DTW, exact-match DTW (the paper's EM
-    ablation), or byte offsets."""
+    ablation), byte offsets, or `prefix`: every position where both tokenizations have a boundary, the
+    teacher's candidates projected onto the target token its tokenizer would emit first for them."""
     function: Literal["mince", "avgce"] = "mince"
     """MinCE: the distribution of the teacher with the lowest cross-entropy; AvgCE: teachers weighted by
     softmax(-CE)."""

@@ -115,7 +115,7 @@ def test_identical_tokenizers_give_the_identity(zoo_tokenizers, texts):
     t = TokenTable.of(tok)
     seqs = sequence_ids(tok, texts, [True] * len(texts))
     vmap = build_vocab_map(tok, tok)
-    for mode in ("mined", "exact", "offsets"):
+    for mode in ("mined", "exact", "offsets", "prefix"):
         srcs = align_many([(np.array(s), np.array(s), True, len(x.encode())) for s, x in zip(seqs, texts)],
                           t, t, mode, vmap.ids)
         for s, src in zip(seqs, srcs):
@@ -131,7 +131,7 @@ def test_zoo_teachers_report_a_fallback_rate_and_banded_dtw_matches_full_dtw(zoo
     sequences = list(zip(map(np.array, sequence_ids(target_tok, texts, ends)),
                          map(np.array, sequence_ids(teacher_tok, texts, ends)), ends, [len(x.encode()) for x in texts]))
     rates = {}
-    for mode in ("mined", "exact", "offsets"):
+    for mode in ("mined", "exact", "offsets", "prefix"):
         srcs = align_many(sequences, tt, ut, mode, vmap.ids)
         for (target, teacher_ids, _, _), src in zip(sequences, srcs):
             assert len(src) == len(target) - 1
@@ -141,6 +141,7 @@ def test_zoo_teachers_report_a_fallback_rate_and_banded_dtw_matches_full_dtw(zoo
         assert 0 < rates[mode] < 1, rates
     print(f"\nfallback rates {teacher} -> target (small zoo): {rates}")
     assert rates["exact"] >= rates["mined"]  # exact accepts a subset of what MinED accepts
+    assert rates["prefix"] < min(rates["offsets"], rates["mined"])  # every shared boundary, spans equal or not
 
     # The banded DTW finds the full DTW's one-to-one pairs (text tokens, exact-string acceptance).
     from fusion.data.alignment import _dtw_pairs, _spelled, byte_spans
@@ -174,7 +175,7 @@ def char_starts(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("teacher", ["gpt2-code", "neox-prose"])
-@pytest.mark.parametrize("mode", ["mined", "exact", "offsets"])
+@pytest.mark.parametrize("mode", ["mined", "exact", "offsets", "prefix"])
 def test_every_accepted_pair_follows_the_same_text_prefix(zoo_tokenizers, texts, teacher, mode):
     """The convention: src[i] = j only when target token i+1 and teacher token j+1 start at the same byte
     (the tokenizers' own offsets say where), on real text and adversarial text."""
@@ -216,3 +217,53 @@ def test_a_position_whose_candidates_are_all_dropped_falls_back_instead_of_nan()
 
     probs = teacher_probs(torch.tensor([[-np.inf, -np.inf], [-1.0, -np.inf]]))
     assert torch.isfinite(probs).all() and probs[0].sum() == 0 and probs[1, 0] == 1
+
+
+def test_prefix_pairs_every_position_where_both_have_a_boundary():
+    # target: <s> Hel lo _world </s>     teacher: <bos> Hello _world <eos>
+    src = run(ids(TARGET, "Hel", "lo", " world"), ids(TEACHER, "Hello", " world"), "Hello world", "prefix")
+    # position 0 (after the start: empty prefix) <- teacher position 0, although "Hel" != "Hello";
+    # position 1 (after "Hel") has no teacher boundary there; position 2 (after "Hello") <- teacher 1;
+    # position 3 (after the whole text: EOS) <- teacher position 2.
+    assert src.tolist() == [0, -1, 1, 2]
+    # and where one side has more boundaries than the other, each shared one is used
+    src = run(ids(TARGET, "Hello", " wor", "ld"), ids(TEACHER, "Hel", "lo", " world"), "Hello world", "prefix")
+    assert src.tolist() == [0, 2, -1, 3]
+
+
+def test_prefix_projects_candidates_onto_the_target_token_they_start_with_and_pools_them():
+    # At target position 0 (gold "Hel"), the teacher predicts "Hello" 0.6, "Hel" 0.3, "The" 0.1. The target
+    # spells "Hello" as "Hel|lo", so the `first` map sends both "Hello" and "Hel" to "Hel": 0.9 pooled.
+    first = np.array([0, 1, TARGET.index("Hel"), TARGET.index("lo"), TARGET.index(" wor"), TARGET.index("Hel"),
+                      TARGET.index("The"), TARGET.index(" cat"), TARGET.index(" sat"), TARGET.index("!"),
+                      TARGET.index("!"), TARGET.index(" wor")])
+    topk_ids = np.array([[TEACHER.index("Hello"), TEACHER.index("Hel"), TEACHER.index("The")]])
+    topk_lp = np.log(np.array([[0.6, 0.3, 0.1]], dtype=np.float32))
+    out_ids, out_lp, fallback = aligned_distribution(np.array([0]), topk_ids, topk_lp, first,
+                                                     ids(TARGET, "Hel", eos=False))
+    probs = {}
+    for token, p in zip(out_ids[0].tolist(), np.exp(out_lp[0]).tolist()):  # the pooled entry's twin has 0
+        probs[token] = probs.get(token, 0.0) + p
+    assert not fallback[0]
+    assert probs[TARGET.index("Hel")] == pytest.approx(0.9) and probs[TARGET.index("The")] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("teacher", ["target", "gpt2-code", "neox-prose"])
+def test_first_map_is_a_target_token_spelling_a_prefix_of_the_teacher_token(zoo_tokenizers, teacher):
+    """`VocabMap.first` (the prefix mode's projection): the target token spells the start of the teacher
+    token's bytes, and for the target's own vocabulary it is mostly the token itself."""
+    from fusion.data.vocab import canonical_tokens
+
+    target_tok, teacher_tok = zoo_tokenizers["target"], zoo_tokenizers[teacher]
+    vmap = build_vocab_map(teacher_tok, target_tok)
+    target_strings, target_special, _ = canonical_tokens(target_tok)
+    teacher_strings, _, _ = canonical_tokens(teacher_tok)
+    rows = [i for i in range(vmap.n_tokens) if not vmap.special[i]]
+    assert not target_special[vmap.first[rows]].any()
+
+    def spelled(text: str) -> bytes:
+        return text.encode("utf-8", "surrogateescape")
+
+    assert all(spelled(teacher_strings[i]).startswith(spelled(target_strings[vmap.first[i]])) for i in rows)
+    if teacher == "target":  # a piece the tokenizer emits for its own text, unless BPE merges it otherwise
+        assert np.mean(vmap.first[rows] == np.array(rows)) > 0.75

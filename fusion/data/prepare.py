@@ -177,8 +177,9 @@ def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict, rank:
         teacher_tokenizer = load_tokenizer(tokenizer_path, teacher.trust_remote_code)
         vmap = build_vocab_map(teacher_tokenizer, target_tokenizer, store.identity["vocab_rows"],
                                cache_dir=store_root(recipe) / "vocab-maps")
+        vocab_ids = vmap.first if mode == "prefix" else vmap.ids  # how candidates become target tokens
         stats = align_teacher(store, shards, chunk_dir, target_table, TokenTable.of(teacher_tokenizer), mode,
-                              vmap.ids, tokenizer_fingerprint(target_tokenizer),
+                              vocab_ids, tokenizer_fingerprint(target_tokenizer),
                               workers=recipe.data.preprocessing_workers, label=teacher.label, rank=rank,
                               world_size=world_size)
         rates[teacher.label] = {"fallback_rate": stats["rate"], "positions": stats["positions"],
@@ -186,6 +187,6 @@ def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict, rank:
                                                                         if c < limit]}
         prepared.append(PreparedTeacher(label=teacher.label, store=store,
                                         alignment=alignment_folder(store, mode, tokenizer_fingerprint(target_tokenizer),
-                                                                   vmap.ids),
-                                        vocab_ids=vmap.ids, exact=vmap.exact, shards=shards))
+                                                                   vocab_ids),
+                                        vocab_ids=vocab_ids, exact=vmap.exact, shards=shards))
     return prepared, rates

@@ -68,7 +68,7 @@ from rapidfuzz.distance import Levenshtein
 from fusion.data.cache import atomic_write
 from fusion.errors import FusionError
 
-VOCAB_MAP_VERSION = "2"  # bump when the mapping rules change: part of the cache key (2: the MinED tie order)
+VOCAB_MAP_VERSION = "3"  # bump when the mapping rules change: part of the cache key (2: the MinED tie order; 3: first)
 SPECIAL_ROLES = ("eos", "bos", "unk", "pad")  # priority order when one token has several roles
 _CHUNK = 512  # teacher rows per cdist call: 512 x 50 k uint8 = 25 MB at most
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -87,7 +87,12 @@ class VocabMap:
     - ``distance``: int32, Levenshtein distance in characters of the canonical forms (0 when exact,
       -1 for rows beyond the tokenizer, which have no string);
     - ``special``: bool, mapped by special-token role;
-    - ``n_tokens``: ``len(teacher_tokenizer)``; rows ``n_tokens:`` are padding rows.
+    - ``n_tokens``: ``len(teacher_tokenizer)``; rows ``n_tokens:`` are padding rows;
+    - ``first``: int64, the target token that the target's tokenizer emits first for the teacher token's
+      text (in the middle of a text), what the ``prefix`` alignment projects a teacher's candidate onto
+      (`fusion.data.alignment`): `` theory`` -> `` the`` when the target spells it `` the|ory``. Text
+      the target's tokenizer cannot be run on (partial UTF-8 bytes) takes the longest target token
+      that spells a prefix of it, else ``ids``; special and padding rows are as in ``ids``.
     """
 
     ids: np.ndarray
@@ -95,6 +100,7 @@ class VocabMap:
     distance: np.ndarray
     special: np.ndarray
     n_tokens: int
+    first: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -288,7 +294,26 @@ def compute_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | N
         ids[rows_i] = candidates[best]
         distance[rows_i] = low
     exact[:n_teacher] |= (distance[:n_teacher] == 0) & ~special[:n_teacher]
-    return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher)
+    first = _first_tokens(teacher, special, ids, lookup, _FirstToken(target_tokenizer))
+    return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher, first=first)
+
+
+def _first_tokens(teacher: list[str], special: np.ndarray, ids: np.ndarray, lookup: dict[tuple[str, bool], int],
+                  first_token: _FirstToken) -> np.ndarray:
+    """`VocabMap.first`: ``first_token`` of each ordinary teacher string, else the longest target string
+    (``lookup``: ordinary target tokens by string and kind) it starts with, else the ``ids`` entry."""
+    first = ids.copy()
+    for i, text in enumerate(teacher):
+        if special[i]:
+            continue
+        token = first_token(text)
+        if token < 0:  # partial bytes, say: the longest target token the text starts with
+            token = next((lookup.get((text[:end], False), lookup.get((text[:end], True), -1))
+                          for end in range(len(text), 0, -1)
+                          if (text[:end], False) in lookup or (text[:end], True) in lookup), -1)
+        if token >= 0:
+            first[i] = token
+    return first
 
 
 def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -298,6 +323,39 @@ def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     np.cumsum(lengths[:-1], out=offsets[1:])
     flat = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     return flat, offsets, lengths
+
+
+class _FirstToken:
+    """The id of the first token the target's tokenizer emits for a text in the middle of a text: the
+    text's first pre-token (the target's pre-tokenizer, without the ``▁`` that a Metaspace pre-tokenizer
+    prepends to a text's start unless the text starts with a space) through the target's model; -1 for
+    an empty text, partial UTF-8 bytes (a canonical string with surrogates: the tokenizers take text)
+    or a pre-tokenizer or model this cannot drive."""
+
+    def __init__(self, target_tokenizer):
+        backend = target_tokenizer.backend_tokenizer
+        self.pre_tokenizer, self.model = backend.pre_tokenizer, backend.model
+        family, self.marker, _ = tokenizer_family(target_tokenizer)
+        if self.pre_tokenizer is None and family == "metaspace":  # e.g. Llama-2's: the normalizer does it
+            self.space = self.marker
+        else:
+            self.space = None
+
+    def __call__(self, text: str) -> int:
+        if not text or _SURROGATE.search(text):
+            return -1
+        try:
+            if self.pre_tokenizer is not None:
+                words = self.pre_tokenizer.pre_tokenize_str(text)
+                word = words[0][0] if words else ""
+                if self.marker and not text.startswith(" ") and word.startswith(self.marker):
+                    word = word[1:] or (words[1][0] if len(words) > 1 else "")
+            else:
+                word = text.replace(" ", self.space) if self.space else text
+            tokens = self.model.tokenize(word) if word else []
+        except Exception:  # an exotic pre-tokenizer or model: no answer, the caller's fallback decides
+            return -1
+        return int(tokens[0].id) if tokens else -1
 
 
 class _TieBreak:
@@ -315,33 +373,13 @@ class _TieBreak:
         self.position[candidates] = np.arange(len(candidates))
         self.teacher_codes = _code_points(teacher)
         self.choice_codes = _code_points(choices)
-        backend = target_tokenizer.backend_tokenizer
-        self.pre_tokenizer, self.model = backend.pre_tokenizer, backend.model
-        family, self.marker, _ = tokenizer_family(target_tokenizer)
-        if self.pre_tokenizer is None and family == "metaspace":  # e.g. Llama-2's: the normalizer does it
-            self.space = self.marker
-        else:
-            self.space = None
+        self.first_token = _FirstToken(target_tokenizer)
 
     def first_piece(self, text: str) -> int:
-        """The candidate position of the first token the target's tokenizer emits for ``text`` in the
-        middle of a text (no prepended ``▁``); -1 when it is no candidate or the text cannot be encoded."""
-        if not text or _SURROGATE.search(text):
-            return -1
-        try:
-            if self.pre_tokenizer is not None:
-                words = self.pre_tokenizer.pre_tokenize_str(text)
-                word = words[0][0] if words else ""
-                if self.marker and not text.startswith(" ") and word.startswith(self.marker):
-                    word = word[1:] or (words[1][0] if len(words) > 1 else "")
-            else:
-                word = text.replace(" ", self.space) if self.space else text
-            tokens = self.model.tokenize(word) if word else []
-        except Exception:  # an exotic pre-tokenizer or model: no preference, the other rules decide
-            return -1
-        if not tokens or not 0 <= tokens[0].id < len(self.position):
-            return -1
-        return int(self.position[tokens[0].id])
+        """The candidate position of `_FirstToken`'s token for ``text``; -1 when there is none or it is no
+        candidate."""
+        token = self.first_token(text)
+        return int(self.position[token]) if 0 <= token < len(self.position) else -1
 
     def _common_prefix(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Length of the common prefix of teacher string ``rows[k]`` and candidate ``cols[k]``, capped."""
@@ -411,9 +449,9 @@ def build_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | Non
     if path.is_file():
         with np.load(path) as data:
             return VocabMap(ids=data["ids"], exact=data["exact"], distance=data["distance"],
-                            special=data["special"], n_tokens=int(data["n_tokens"]))
+                            special=data["special"], n_tokens=int(data["n_tokens"]), first=data["first"])
     vmap = compute_vocab_map(teacher_tokenizer, target_tokenizer, rows)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, ids=vmap.ids, exact=vmap.exact, distance=vmap.distance,
-                                          special=vmap.special, n_tokens=np.int64(vmap.n_tokens)))
+                                          special=vmap.special, n_tokens=np.int64(vmap.n_tokens), first=vmap.first))
     return vmap

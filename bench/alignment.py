@@ -16,8 +16,14 @@ Figures (throughputs in target tokens per second, counted as the target sequence
   best of ``REPEATS`` timings per teacher; also one figure per teacher; ``align_mined_tokens_per_s_single``
   the same with one chunk per ``align_many`` call;
 - ``align_fallback`` (with ``mode``, ``teacher`` and ``domain``: ``code``, ``prose`` or ``all``): the
-  fraction of target positions with no aligned teacher prediction (they fall back to a one-hot on the
-  gold token);
+  fraction of target positions that train on a one-hot on the gold token instead of the teacher's
+  distribution, exactly as `fusion.data.fused` decides it from the teacher model's own top-10: no
+  aligned teacher prediction, or every candidate dropped (``exact``: no exact vocabulary match;
+  ``prefix`` inside a teacher token: no candidate fits the text). On ``FALLBACK_CHUNKS`` validation
+  chunks of 256 target tokens per domain, the embedded default's (a chunk a teacher spells in more
+  than the 512 positions the zoo's models read is left out, and ``chunks`` says how many count);
+- ``align_prefix_inside``: the fraction of target positions that ``prefix`` serves from inside a
+  teacher token (the 2,048-token chunks);
 - ``align_mined_pairs_agreement``: on the baseline's chunks, the one-to-one DTW pairs of our banded DTW
   against the reference's full DTW, as |ours ∩ reference| / |ours ∪ reference| (1.0 = the same pairs).
 
@@ -40,8 +46,10 @@ import random
 import time
 
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
 
-from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, byte_spans
+from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, aligned_distribution, byte_spans
 from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
@@ -56,21 +64,22 @@ DOCUMENTS = 160  # shuffled train documents chunked (~1.5 MB of text: a few hund
 TEACHERS = ("gpt2-code", "neox-prose")
 MODES = ("prefix", "mined", "exact", "offsets")
 DOMAINS = ("code", "prose")
+FALLBACK_CHUNKS, FALLBACK_BLOCK, TOP_K = 48, 256, 10  # per domain; the embedded default's chunk size
 REPEATS = 3
 BASELINE_TEACHER = "gpt2-code"
 BASELINE_CHUNKS = 2
 
 
-def _chunks(target_tok, domain: str, count: int) -> list[tuple[str, bool]]:
+def _chunks(target_tok, domain: str, count: int, split: str = "train", block: int = BLOCK) -> list[tuple[str, bool]]:
     """``count`` full-ish chunks of one domain, evenly spread over those of ``DOCUMENTS`` shuffled documents."""
-    docs = embedded_corpus("train", (domain,))
+    docs = embedded_corpus(split, (domain,))
     order = list(range(len(docs)))
     random.Random(0).shuffle(order)
-    chunks = make_chunks([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=BLOCK)
+    chunks = make_chunks([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=block)
     lengths = [len(s) for s in sequence_ids(target_tok, [c[0] for c in chunks], [c[1] for c in chunks])]
-    full = [c for c, n in zip(chunks, lengths) if n >= FULL]
+    full = [c for c, n in zip(chunks, lengths) if n >= block * FULL // BLOCK]
     if len(full) < count:
-        raise RuntimeError(f"only {len(full)} {domain} chunks of >= {FULL} target tokens; raise DOCUMENTS")
+        raise RuntimeError(f"only {len(full)} full-ish {domain} chunks of {block} target tokens; raise DOCUMENTS")
     step = len(full) / count
     return [full[int(i * step)] for i in range(count)]
 
@@ -107,15 +116,13 @@ def _figure(metric: str, value: float, unit: str, **extra) -> dict:
 def run() -> list[dict]:
     target_tok = load_tokenizer(resolve_model("zoo:target", "full", None))
     tt = TokenTable.of(target_tok)
-    per_domain = {d: _chunks(target_tok, d, CHUNKS // len(DOMAINS)) for d in DOMAINS}
-    chunks = [c for d in DOMAINS for c in per_domain[d]]
-    domain_of = np.repeat(np.arange(len(DOMAINS)), [len(per_domain[d]) for d in DOMAINS])
+    chunks = [c for d in DOMAINS for c in _chunks(target_tok, d, CHUNKS // len(DOMAINS))]
     texts, ends = [c[0] for c in chunks], [c[1] for c in chunks]
     nbytes = [len(t.encode()) for t in texts]
     target_seqs = [np.array(s) for s in sequence_ids(target_tok, texts, ends)]
     target_tokens = sum(len(s) for s in target_seqs)
 
-    figures, seconds, rates, setups = [], {m: {} for m in MODES + ("mined_single",)}, {}, {}
+    figures, seconds, setups, inside = [], {m: {} for m in MODES + ("mined_single",)}, {}, {}
     for name in TEACHERS:
         teacher_tok = load_tokenizer(resolve_model(f"zoo:{name}", "full", None))
         ut = TokenTable.of(teacher_tok)
@@ -124,17 +131,16 @@ def run() -> list[dict]:
         sequences = list(zip(target_seqs, teacher_seqs, ends, nbytes))
         setups[name] = (ut, vocab_ids, sequences)
         for mode in MODES:
-            align_many(sequences[:2], tt, ut, mode, vocab_ids)  # warm-up
+            with_read = mode == "prefix"  # as the alignment stage runs it
+            align_many(sequences[:2], tt, ut, mode, vocab_ids, with_read=with_read)  # warm-up
             best = float("inf")
             for _ in range(REPEATS):
                 t0 = time.perf_counter()
-                srcs = align_many(sequences, tt, ut, mode, vocab_ids)
+                srcs = align_many(sequences, tt, ut, mode, vocab_ids, with_read=with_read)
                 best = min(best, time.perf_counter() - t0)
             seconds[mode][name] = best
-            for d, domain in enumerate(DOMAINS):
-                fell = np.concatenate([src for src, k in zip(srcs, domain_of) if k == d]) < 0
-                rates[(mode, name, domain)] = float(fell.mean())
-            rates[(mode, name, "all")] = float(np.mean(np.concatenate(srcs) < 0))
+            if with_read:
+                inside[name] = float(np.mean(np.concatenate([read for _, read in srcs]) > 0))
         best = float("inf")
         for _ in range(REPEATS):
             t0 = time.perf_counter()
@@ -172,8 +178,63 @@ def run() -> list[dict]:
     figures.append(_figure("align_mined_pairs_agreement", round(inter / max(union, 1), 4), "fraction",
                            chunks=BASELINE_CHUNKS, teacher=BASELINE_TEACHER, pairs_in_either=union,
                            same_src=same_src))
-    for (mode, name, domain), rate in rates.items():
-        chunks = CHUNKS if domain == "all" else CHUNKS // len(DOMAINS)
+    for name, share in inside.items():
+        figures.append(_figure("align_prefix_inside", round(share, 4), "fraction of target positions",
+                               teacher=name, chunks=CHUNKS))
+    for (mode, name, domain), (rate, chunks, positions) in _fallback_rates(target_tok, tt).items():
         figures.append(_figure("align_fallback", round(rate, 4), "fraction of target positions", mode=mode,
-                               teacher=name, domain=domain, chunks=chunks))
+                               teacher=name, domain=domain, chunks=chunks, positions=positions,
+                               block_size=FALLBACK_BLOCK, top_k=TOP_K))
     return figures
+
+
+@torch.inference_mode()
+def _top_k(model, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The teacher's top-k ids and float32 log-probs at every position but the last, per sequence."""
+    out = []
+    for ids in sequences:
+        logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0, :-1].float()
+        top = torch.log_softmax(logits, -1).topk(TOP_K, dim=-1)
+        out.append((top.indices.numpy(), top.values.numpy()))
+    return out
+
+
+def _fallback_rates(target_tok, tt: TokenTable) -> dict[tuple[str, str, str], tuple[float, int, int]]:
+    """Per (mode, teacher, domain): the share of target positions that train on the gold one-hot, as
+    `fusion.data.fused` builds them from the teacher model's own top-k (``prefix`` positions inside a
+    teacher token where no candidate fits count): ``FALLBACK_CHUNKS`` validation chunks of each domain."""
+    chunks = {d: _chunks(target_tok, d, FALLBACK_CHUNKS, split="validation", block=FALLBACK_BLOCK) for d in DOMAINS}
+    rates = {}
+    for name in TEACHERS:
+        path = resolve_model(f"zoo:{name}", "full", None)
+        teacher_tok, model = load_tokenizer(path), AutoModelForCausalLM.from_pretrained(path).eval()
+        ut = TokenTable.of(teacher_tok)
+        vmap = build_vocab_map(teacher_tok, target_tok)
+        fell = {mode: {d: [] for d in DOMAINS} for mode in MODES}
+        for domain, pieces in chunks.items():
+            texts, ends = [c[0] for c in pieces], [c[1] for c in pieces]
+            sequences = [seq for seq in zip(map(np.array, sequence_ids(target_tok, texts, ends)),
+                                            map(np.array, sequence_ids(teacher_tok, texts, ends)), ends,
+                                            [len(t.encode()) for t in texts])
+                         if len(seq[1]) <= model.config.max_position_embeddings]
+            tops = _top_k(model, [u for _, u, _, _ in sequences])
+            for mode in MODES:
+                prefix = mode == "prefix"
+                aligned = align_many(sequences, tt, ut, mode, vmap.ids, with_read=prefix)
+                for (target, teacher, _, _), (ids, logprobs), item in zip(sequences, tops, aligned):
+                    src, extra = item, {}
+                    if prefix:
+                        src, read = item
+                        extra = {"read": read, "teacher_tokens": teacher,
+                                 "continuations": (vmap.cont_offsets, vmap.cont_first, vmap.cont_read)}
+                    _, _, fallback = aligned_distribution(src, ids, logprobs, vmap.first if prefix else vmap.ids,
+                                                          target, keep=vmap.exact if mode == "exact" else None,
+                                                          **extra)
+                    fell[mode][domain].append(fallback)
+        for mode, by_domain in fell.items():
+            for domain, parts in by_domain.items():
+                joined = np.concatenate(parts)
+                rates[(mode, name, domain)] = (float(joined.mean()), len(parts), len(joined))
+            joined = np.concatenate(sum(by_domain.values(), []))
+            rates[(mode, name, "all")] = (float(joined.mean()), sum(len(p) for p in by_domain.values()), len(joined))
+    return rates

@@ -267,3 +267,65 @@ def test_first_map_is_a_target_token_spelling_a_prefix_of_the_teacher_token(zoo_
     assert all(spelled(teacher_strings[i]).startswith(spelled(target_strings[vmap.first[i]])) for i in rows)
     if teacher == "target":  # a piece the tokenizer emits for its own text, unless BPE merges it otherwise
         assert np.mean(vmap.first[rows] == np.array(rows)) > 0.75
+
+
+def test_prefix_with_read_serves_positions_inside_a_teacher_token():
+    # target: <s> Hel lo _world </s>     teacher: <bos> Hello _world <eos>
+    src, read = align_many([(ids(TARGET, "Hel", "lo", " world"), ids(TEACHER, "Hello", " world"), True,
+                             len(b"Hello world"))], table(TARGET), table(TEACHER), "prefix", with_read=True)[0]
+    # position 1 predicts "lo", which starts 3 bytes into the teacher's "Hello", predicted at teacher position 0
+    assert src.tolist() == [0, 0, 1, 2] and read.tolist() == [0, 3, 0, 0]
+
+
+def test_inside_a_teacher_token_only_candidates_that_fit_the_text_count_projected_from_the_rest():
+    from fusion.data.vocab import _continuations
+
+    lookup = {(s, False): i for i, s in enumerate(TARGET) if i >= 2}
+    cont = _continuations(TEACHER, np.array([True, True] + [False] * (len(TEACHER) - 2)), len(TEACHER), lookup,
+                          lambda text: TARGET.index(text) if text in TARGET else -1)
+    # At target position 1 (gold "lo"), 3 bytes ("Hel") of the teacher's next token "Hello" are read. The
+    # teacher (position 0) said "Hello" 0.5, "Hel" 0.3 (ends where the text goes on: no next token of it),
+    # "The" 0.2 (not the text): only "Hello" fits, and its rest "lo" is the target token "lo".
+    topk_ids = np.array([[TEACHER.index("Hello"), TEACHER.index("Hel"), TEACHER.index("The")]])
+    topk_lp = np.log(np.array([[0.5, 0.3, 0.2]], dtype=np.float32))
+    target = ids(TARGET, "Hel", "lo", eos=False)
+    teacher_tokens = ids(TEACHER, "Hello", eos=False)
+    src, read = np.array([-1, 0]), np.array([0, 3], dtype=np.uint16)
+    first = np.arange(len(TEACHER))  # unused at read > 0
+    out_ids, out_lp, fallback = aligned_distribution(src, topk_ids, topk_lp, first, target, read=read,
+                                                     teacher_tokens=teacher_tokens, continuations=cont)
+    assert fallback.tolist() == [True, False]
+    assert out_ids[1, 0] == TARGET.index("lo") and out_lp[1, 0] == pytest.approx(np.log(0.5))
+    assert np.isneginf(out_lp[1, 1:]).all()
+    # a position where nothing fits falls back to the gold one-hot
+    _, lp, fallback = aligned_distribution(src, topk_ids[:, 1:], topk_lp[:, 1:], first, target, read=read,
+                                           teacher_tokens=teacher_tokens, continuations=cont)
+    assert fallback.tolist() == [True, True] and lp[1, 0] == 0
+
+
+@pytest.mark.parametrize("teacher", ["gpt2-code", "neox-prose"])
+def test_prefix_with_read_pairs_a_target_token_with_the_teacher_token_it_starts_in(zoo_tokenizers, texts, teacher):
+    """On real and adversarial text: every target position served from inside a teacher token starts
+    ``read`` bytes after that token's start and before its end (the tokenizers' own offsets say so), and
+    the served share only grows."""
+    target_tok, teacher_tok = zoo_tokenizers["target"], zoo_tokenizers[teacher]
+    corpus = texts + adversarial_texts(seed=1)
+    ends = [True] * len(corpus)
+    sequences = list(zip(map(np.array, sequence_ids(target_tok, corpus, ends)),
+                         map(np.array, sequence_ids(teacher_tok, corpus, ends)), ends,
+                         [len(x.encode()) for x in corpus]))
+    tt, ut = TokenTable.of(target_tok), TokenTable.of(teacher_tok)
+    with_read = align_many(sequences, tt, ut, "prefix", with_read=True)
+    plain = align_many(sequences, tt, ut, "prefix")
+    inside = 0
+    for text, (src, read), boundary in zip(corpus, with_read, plain):
+        assert (src[read == 0] == boundary[read == 0]).all() and (boundary[read > 0] < 0).all()
+        t_start, t_first = char_starts(target_tok, text)
+        u_start, _ = char_starts(teacher_tok, text)
+        u_end = np.append(u_start[1:], len(text.encode()))
+        a = np.flatnonzero((read[:len(t_start)] > 0) & t_first)
+        b = src[a]
+        assert (u_start[b] + read[a] == t_start[a]).all() and (t_start[a] < u_end[b]).all()
+        inside += len(a)
+    assert inside > 0
+    assert np.mean(np.concatenate([s for s, _ in with_read]) < 0) < np.mean(np.concatenate(plain) < 0)

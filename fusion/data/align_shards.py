@@ -3,9 +3,11 @@
 For each shard of a teacher store (`fusion.data.store`) and one alignment mode, the file
 ``<teacher folder>/align-<mode>-<key>/shard-NNNNN.npz`` holds, for every chunk of the shard, the
 ``src`` array of `fusion.data.alignment.align` (int32, one entry per target position), concatenated,
-with ``offsets`` into it. ``key`` covers the target tokenizer, the chunking and the vocabulary map,
-so a different target gets its own alignments. Shards are aligned in parallel worker processes,
-each written atomically: a killed run keeps what it finished. Training reads them memory-mapped.
+with ``offsets`` into it, and in ``prefix`` mode the ``read`` array beside it (uint16: bytes of the
+teacher's next token already in the text, `align_many`'s ``with_read``). ``key`` covers the target
+tokenizer, the chunking and the vocabulary map, so a different target gets its own alignments. Shards
+are aligned in parallel worker processes, each written atomically: a killed run keeps what it
+finished. Training reads them memory-mapped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fusion.data.chunks import load_chunk_set
 from fusion.data.store import TeacherStore, map_npz
 from fusion.errors import FusionError
 
-_ALIGN_FORMAT = 1
+_ALIGN_FORMAT = 2  # 2: prefix mode serves positions inside teacher tokens, with `read`
 _BATCH = 64  # chunks per align_many call: enough to share numpy's per-call overhead
 
 _worker: dict = {}  # per worker process: the tables and map, sent once by the pool initializer
@@ -49,15 +51,20 @@ def _align_shard(shard: int) -> None:
     data = w["store"].read_shard(shard)
     first = int(data.chunk_ids[0])  # chunk ids are row numbers of the chunk set
     targets = w["chunks"][first:first + len(data.chunk_ids)]
-    srcs = []
+    with_read = w["mode"] == "prefix"
+    aligned = []
     for start in range(0, len(data.chunk_ids), _BATCH):
         sequences = [(np.asarray(targets["input_ids"][i]), data.chunk(i)["tokens"], targets["ends_document"][i],
                       targets["nbytes"][i]) for i in range(start, min(start + _BATCH, len(data.chunk_ids)))]
-        srcs += align_many(sequences, w["target_table"], w["teacher_table"], w["mode"], w["vocab_ids"])
-    src = np.concatenate(srcs).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in srcs])]).astype(np.int64)
+        aligned += align_many(sequences, w["target_table"], w["teacher_table"], w["mode"], w["vocab_ids"],
+                              with_read=with_read)
+    srcs = [a[0] for a in aligned] if with_read else aligned
+    arrays = {"src": np.concatenate(srcs).astype(np.int32),
+              "offsets": np.concatenate([[0], np.cumsum([len(s) for s in srcs])]).astype(np.int64)}
+    if with_read:
+        arrays["read"] = np.concatenate([a[1] for a in aligned]).astype(np.uint16)
     path = w["folder"] / f"shard-{shard:05d}.npz"
-    atomic_write(path, lambda f: np.savez(f, src=src, offsets=offsets))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, target_table: TokenTable,
@@ -88,7 +95,7 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
     positions = fallback = 0
     for shard in shards:
         if (folder / f"shard-{shard:05d}.npz").exists():
-            src, _ = read_alignment(folder, shard)
+            src, _, _ = read_alignment(folder, shard)
             positions, fallback = positions + len(src), fallback + int((src < 0).sum())
     return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1), "folder": str(folder)}
 
@@ -106,12 +113,13 @@ def readable(folder: Path, shard: int) -> bool:
     return True
 
 
-def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(src, offsets)`` of one shard, memory-mapped: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``."""
+def read_alignment(folder: Path, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(src, offsets, read)`` of one shard, memory-mapped: chunk i of the shard has ``src[offsets[i]:offsets[i + 1]]``
+    (``read`` likewise; None but in ``prefix`` mode)."""
     path = folder / f"shard-{shard:05d}.npz"
     try:
         arrays = map_npz(path)
-        return arrays["src"], arrays["offsets"]
+        return arrays["src"], arrays["offsets"], arrays.get("read")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise FusionError(f"{path} cannot be read ({err}); run the same command again: damaged alignment files "
                           "are aligned again") from None

@@ -26,8 +26,15 @@ Four modes:
   same target token pool their probability. That is the teacher's distribution of the target's next
   token, up to how the target would cut the text beyond the candidate. On the zoo's validation text,
   the projection of the teacher's own next token gives the target's next token at 84-88 % of the
-  positions (the MinED map: 77-82 %, the longest target prefix: 25-52 %). Positions inside a teacher
-  token (no teacher boundary there) fall back;
+  positions (the MinED map: 77-82 %, the longest target prefix: 25-52 %). A target position whose
+  token starts *inside* a teacher token (no teacher boundary there) is served by that teacher
+  token's prediction, conditioned on the bytes of it the text already holds (``read``): only the
+  candidates that start with those bytes and go on past them fit, each projected from its remaining
+  bytes (`` return`` with `` re`` read -> ``turn``), the rest dropped; if none fits, the position
+  falls back. (A candidate that ends within the read bytes would need the teacher's next prediction
+  too; it is dropped, which makes this the teacher's distribution given that its token goes on.)
+  On the embedded default's validation chunks, 16-18 % of positions still fall back (mined: 48-61 %,
+  offsets: 37-56 %; `bench/run.py alignment`);
 - ``mined`` (the paper's MinED): dynamic time warping over the two token strings with Levenshtein
   cost; a target token aligned one-to-one with a teacher token is accepted when both start at the
   same byte of the text (so the two predictions follow the same prefix: the DTW alone also pairs
@@ -103,24 +110,33 @@ def _offsets_pairs(target: tuple, teacher: tuple) -> tuple[np.ndarray, np.ndarra
     return a, at[a]
 
 
-def _prefix_pairs(target: tuple, teacher: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Text-token index pairs ``(a, b)`` that start at the same byte: the predictions of target token
-    ``a`` and teacher token ``b`` follow the same text prefix. Non-empty tokens pair with non-empty ones
-    (their starts strictly increase: they tile the text), and an empty token, such as a lone
-    dummy-prefix ``▁``, which shares its start with the next token, only with an empty one."""
+def _prefix_pairs(target: tuple, teacher: tuple, inside: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Text-token index pairs ``(a, b)`` that start at the same byte, so the predictions of target token
+    ``a`` and teacher token ``b`` follow the same text prefix, and ``read`` = 0 bytes. Non-empty tokens
+    pair with non-empty ones (their starts strictly increase: they tile the text), and an empty token,
+    such as a lone dummy-prefix ``▁``, which shares its start with the next token, only with an empty one.
+    ``inside``: a non-empty target token starting inside teacher token ``b`` also pairs with it, with
+    ``read`` = how many of ``b``'s bytes come before the target token."""
     (ts, te), (us, ue) = target[:2], teacher[:2]
     pairs = []
-    for t_kind, u_kind in ((te > ts, ue > us), (te == ts, ue == us)):
-        a, b = np.flatnonzero(t_kind), np.flatnonzero(u_kind)
-        if len(a) and len(b):
+    for nonempty in (True, False):
+        a = np.flatnonzero((te > ts) == nonempty)
+        b = np.flatnonzero((ue > us) == nonempty)
+        if not (len(a) and len(b)):
+            continue
+        if inside and nonempty:  # the teacher token holding byte ts[a]: the last one starting at or before it
+            at = np.searchsorted(us[b], ts[a], side="right") - 1
+            hit = (at >= 0) & (ue[b][at.clip(min=0)] > ts[a])
+        else:
             at = np.searchsorted(us[b], ts[a]).clip(max=len(b) - 1)
             hit = us[b][at] == ts[a]
-            pairs.append((a[hit], b[at[hit]]))
+        a, b = a[hit], b[at[hit]]
+        pairs.append((a, b, ts[a] - us[b]))
     if not pairs:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    a, b = (np.concatenate(side) for side in zip(*pairs))
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    a, b, read = (np.concatenate(side) for side in zip(*pairs))
     order = np.argsort(a, kind="stable")
-    return a[order], b[order]
+    return a[order], b[order], read[order]
 
 
 def _band(target: tuple, teacher: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -214,42 +230,55 @@ def _dtw_pairs(items: list[tuple[list[str], list[str], tuple, tuple]]) -> list[t
 
 
 def align_many(sequences: list[tuple[np.ndarray, np.ndarray, bool, int]], target_table: TokenTable,
-               teacher_table: TokenTable, mode: str = "mined", vocab_ids: np.ndarray | None = None) -> list[np.ndarray]:
+               teacher_table: TokenTable, mode: str = "mined", vocab_ids: np.ndarray | None = None,
+               with_read: bool = False) -> list[np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
     """`align` for many chunks at once (faster for DTW): ``sequences`` holds
-    ``(target_ids, teacher_ids, ends_document, text_nbytes)`` per chunk."""
+    ``(target_ids, teacher_ids, ends_document, text_nbytes)`` per chunk.
+
+    ``with_read`` (``prefix`` mode): ``(src, read)`` per chunk, where a target position whose token starts
+    inside a teacher token is served by that token's prediction too, ``read[i]`` (uint16) being how many
+    of its bytes the text holds before target token ``i+1`` (0 where the boundaries coincide); see
+    `aligned_distribution` for what becomes of the candidates there.
+    """
     if mode not in MODES:
         raise ValueError(f"alignment mode {mode!r} is not one of {MODES}")
     if mode == "mined" and vocab_ids is None:
         raise ValueError("mode='mined' needs vocab_ids, the MinED teacher -> target map")
+    if with_read and mode != "prefix":
+        raise ValueError("with_read is for mode='prefix'")
     results, todo = [], []
     for target_ids, teacher_ids, ends_document, text_nbytes in sequences:
         end = 1 if ends_document else 0
         t_text = np.asarray(target_ids[1:len(target_ids) - end], dtype=np.int64)
         u_text = np.asarray(teacher_ids[1:len(teacher_ids) - end], dtype=np.int64)
         src = np.full(len(target_ids) - 1, -1, dtype=np.int32)
+        read = np.zeros(len(target_ids) - 1, dtype=np.uint16)
         if ends_document:  # predicting EOS after the whole text: the same prefix for both
             src[len(t_text)] = len(u_text)
-        results.append(src)
+        results.append((src, read))
         if len(t_text) and len(u_text):
-            todo.append((src, t_text, u_text, byte_spans(t_text, target_table, text_nbytes),
+            todo.append((src, read, t_text, u_text, byte_spans(t_text, target_table, text_nbytes),
                          byte_spans(u_text, teacher_table, text_nbytes)))
-    if mode in ("offsets", "prefix"):
-        by_spans = _offsets_pairs if mode == "offsets" else _prefix_pairs
-        pairs = [by_spans(target, teacher) for _, _, _, target, teacher in todo]
+    if mode == "prefix":
+        pairs = [_prefix_pairs(target, teacher, inside=with_read) for *_, target, teacher in todo]
+    elif mode == "offsets":
+        pairs = [_offsets_pairs(target, teacher) for *_, target, teacher in todo]
     elif todo:
         strings = [(_spelled(t_text, target_table, target[2]), _spelled(u_text, teacher_table, teacher[2]))
-                   for _, t_text, u_text, target, teacher in todo]
-        pairs = _dtw_pairs([(*s, t[3], t[4]) for s, t in zip(strings, todo)])
+                   for _, _, t_text, u_text, target, teacher in todo]
+        pairs = _dtw_pairs([(*s, t[4], t[5]) for s, t in zip(strings, todo)])
         for n, ((a, b), (t_str, u_str), item) in enumerate(zip(pairs, strings, todo)):
-            _, t_text, u_text, target, teacher = item
+            _, _, t_text, u_text, target, teacher = item
             accept = np.array([t_str[i] == u_str[j] for i, j in zip(a.tolist(), b.tolist())], dtype=bool)
             if mode == "mined":
                 accept |= vocab_ids[u_text[b]] == t_text[a]
             accept &= target[0][a] == teacher[0][b]  # the same prefix: both tokens start at the same byte
             pairs[n] = (a[accept], b[accept])
-    for (src, *_), (a, b) in zip(todo, pairs):
+    for (src, read, *_), (a, b, *rest) in zip(todo, pairs):
         src[a] = b  # target text token a is sequence token a+1, predicted at position a; teacher likewise
-    return results
+        if rest:
+            read[a] = np.minimum(rest[0], np.iinfo(np.uint16).max)
+    return results if with_read else [src for src, _ in results]
 
 
 def align(target_ids: np.ndarray, teacher_ids: np.ndarray, ends_document: bool, text_nbytes: int,
@@ -274,8 +303,10 @@ def _spelled(text_ids: np.ndarray, table: TokenTable, prefix: int) -> list[str]:
 
 
 def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_ids: np.ndarray,
-                         target_ids: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                                         np.ndarray]:
+                         target_ids: np.ndarray, keep: np.ndarray | None = None, read: np.ndarray | None = None,
+                         teacher_tokens: np.ndarray | None = None,
+                         continuations: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher's next-token distribution at every target position, in target ids.
 
     Args:
@@ -285,6 +316,12 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
         target_ids: ``[T]`` the target sequence (gold tokens for the fallback).
         keep: optional bool per teacher id; candidates whose entry is False are dropped (``exact``
             mode keeps only exact vocabulary matches).
+        read, teacher_tokens, continuations: ``prefix`` mode's positions inside a teacher token
+            (`align_many` with ``with_read``): ``read[i]`` bytes of the teacher's next token, the token
+            ``teacher_tokens[src[i] + 1]``, are already in the text. Only candidates that start with
+            those bytes and go on past them fit; each becomes the target token the target's tokenizer
+            emits first for its remaining bytes, the others are dropped. ``continuations`` is
+            ``(cont_offsets, cont_first, cont_read)`` of `fusion.data.vocab.VocabMap`.
 
     Returns:
         ``(ids [T-1, k] int64, logprobs [T-1, k] float32, fallback [T-1] bool)``. Teacher candidates
@@ -300,7 +337,23 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
     logprobs = topk_logprobs[rows].astype(np.float32)
     if keep is not None:
         logprobs = np.where(keep[teacher_ids], logprobs, -np.inf).astype(np.float32)
-        fallback |= np.isneginf(logprobs).all(axis=1)  # nothing left: a softmax over it would be NaN
+    if read is not None:
+        inside = np.flatnonzero((read > 0) & ~fallback)
+        if inside.size:
+            offsets, cont_first, cont_read = continuations
+            n_read = read[inside].astype(np.int64)
+            actual = np.asarray(teacher_tokens, dtype=np.int64)[src[inside] + 1]
+            candidates = teacher_ids[inside]  # [n, k]
+            entries = offsets[candidates + 1] - offsets[candidates]  # a token of b bytes has b - 1
+            at = offsets[candidates] + np.minimum(n_read[:, None], entries.clip(min=1)) - 1
+            actual_at = offsets[actual] + n_read - 1
+            fits = (n_read[:, None] <= entries) & ((offsets[actual + 1] - offsets[actual]) >= n_read)[:, None]
+            if len(cont_read):
+                at, actual_at = at.clip(0, len(cont_read) - 1), actual_at.clip(0, len(cont_read) - 1)
+                fits &= (cont_read[at] == cont_read[actual_at][:, None]) & (cont_first[at] >= 0)
+                ids[inside] = np.where(fits, cont_first[at], ids[inside])
+            logprobs[inside] = np.where(fits, logprobs[inside], -np.inf)
+    fallback |= np.isneginf(logprobs).all(axis=1)  # nothing left: a softmax over it would be NaN
     # Pool duplicates: entry j adds its probability to the first entry with the same id.
     first = (ids[:, :, None] == ids[:, None, :]).argmax(axis=2)  # [T-1, k]: index of the first equal id
     if (first != np.arange(k)).any():

@@ -136,12 +136,14 @@ class FusedBatches(IterableDataset):
         shard, i = divmod(int(chunk_id), self.chunks_per_shard)
         per_teacher = []
         for t, teacher in enumerate(self.teachers):
-            data, (src, offsets) = self._shard(t, shard)
+            data, (src, offsets, read) = self._shard(t, shard)
             row = data.chunk(i)
             chunk_src = src[offsets[i]:offsets[i + 1]]
+            inside = {} if read is None else {"read": read[offsets[i]:offsets[i + 1]], "teacher_tokens": row["tokens"],
+                                              "continuations": teacher.continuations}
             ids, logprobs, fallback = aligned_distribution(
                 chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
-                keep=teacher.exact if self.keep_exact_only else None)
+                keep=teacher.exact if self.keep_exact_only else None, **inside)
             token_ce = np.where(fallback, row["chunk_ce"], row["token_ce"][chunk_src.clip(min=0)].astype(np.float32))
             ce_target = row["chunk_ce"] * (len(row["tokens"]) - 1) / max(len(target) - 1, 1)
             per_teacher.append((ids, logprobs, fallback, row["chunk_ce"], ce_target, token_ce))

@@ -94,9 +94,10 @@ class PreparedTeacher:
     label: str
     store: TeacherStore
     alignment: Path
-    vocab_ids: np.ndarray
+    vocab_ids: np.ndarray  # teacher id -> the target id its candidates go to (`first` in prefix mode)
     exact: np.ndarray  # per teacher id: an exact vocabulary match (the `exact` mode keeps only these)
     shards: list[int]
+    continuations: tuple[np.ndarray, np.ndarray, np.ndarray]  # `VocabMap.cont_*`: prefix mode, inside tokens
 
 
 def _teacher_paths(recipe: Recipe, teacher: TeacherConfig) -> tuple[str, str]:
@@ -188,5 +189,6 @@ def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict, rank:
         prepared.append(PreparedTeacher(label=teacher.label, store=store,
                                         alignment=alignment_folder(store, mode, tokenizer_fingerprint(target_tokenizer),
                                                                    vocab_ids),
-                                        vocab_ids=vocab_ids, exact=vmap.exact, shards=shards))
+                                        vocab_ids=vocab_ids, exact=vmap.exact, shards=shards,
+                                        continuations=(vmap.cont_offsets, vmap.cont_first, vmap.cont_read)))
     return prepared, rates

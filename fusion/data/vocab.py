@@ -68,7 +68,7 @@ from rapidfuzz.distance import Levenshtein
 from fusion.data.cache import atomic_write
 from fusion.errors import FusionError
 
-VOCAB_MAP_VERSION = "3"  # bump when the mapping rules change: part of the cache key (2: the MinED tie order; 3: first)
+VOCAB_MAP_VERSION = "4"  # bump when the mapping rules change: part of the cache key (2: MinED ties; 3-4: prefix)
 SPECIAL_ROLES = ("eos", "bos", "unk", "pad")  # priority order when one token has several roles
 _CHUNK = 512  # teacher rows per cdist call: 512 x 50 k uint8 = 25 MB at most
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -92,7 +92,14 @@ class VocabMap:
       text (in the middle of a text), what the ``prefix`` alignment projects a teacher's candidate onto
       (`fusion.data.alignment`): `` theory`` -> `` the`` when the target spells it `` the|ory``. Text
       the target's tokenizer cannot be run on (partial UTF-8 bytes) takes the longest target token
-      that spells a prefix of it, else ``ids``; special and padding rows are as in ``ids``.
+      that spells a prefix of it, else ``ids``; special and padding rows are as in ``ids``;
+    - ``cont_offsets`` (int64, ``teacher_rows + 1``), ``cont_first`` and ``cont_read`` (int64): for the
+      ``prefix`` alignment at a target boundary inside a teacher token, where the text already holds
+      ``k`` bytes of the teacher's next token (1 <= k < its length). Entry ``cont_offsets[c] + k - 1``
+      is for candidate ``c`` with ``k`` bytes read: ``cont_first``, the target token its tokenizer emits
+      first for the rest of ``c``'s bytes (as ``first``; -1 if none), and ``cont_read``, a number for
+      ``c``'s first ``k`` bytes (equal numbers, equal bytes: a candidate fits the text when its number
+      equals that of the teacher's actual token). Special and padding rows have no entries.
     """
 
     ids: np.ndarray
@@ -101,6 +108,9 @@ class VocabMap:
     special: np.ndarray
     n_tokens: int
     first: np.ndarray
+    cont_offsets: np.ndarray
+    cont_first: np.ndarray
+    cont_read: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -294,8 +304,20 @@ def compute_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | N
         ids[rows_i] = candidates[best]
         distance[rows_i] = low
     exact[:n_teacher] |= (distance[:n_teacher] == 0) & ~special[:n_teacher]
-    first = _first_tokens(teacher, special, ids, lookup, _FirstToken(target_tokenizer))
-    return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher, first=first)
+    first_token = _FirstToken(target_tokenizer)
+    first = _first_tokens(teacher, special, ids, lookup, first_token)
+    cont_offsets, cont_first, cont_read = _continuations(teacher, special, rows, lookup, first_token)
+    return VocabMap(ids=ids, exact=exact, distance=distance, special=special, n_tokens=n_teacher, first=first,
+                    cont_offsets=cont_offsets, cont_first=cont_first, cont_read=cont_read)
+
+
+def _longest_known_prefix(text: str, lookup: dict[tuple[str, bool], int]) -> int:
+    """The longest ordinary target token (``lookup``: by string and kind) that ``text`` starts with, or -1."""
+    for end in range(len(text), 0, -1):
+        token = lookup.get((text[:end], False), lookup.get((text[:end], True), -1))
+        if token >= 0:
+            return token
+    return -1
 
 
 def _first_tokens(teacher: list[str], special: np.ndarray, ids: np.ndarray, lookup: dict[tuple[str, bool], int],
@@ -308,12 +330,38 @@ def _first_tokens(teacher: list[str], special: np.ndarray, ids: np.ndarray, look
             continue
         token = first_token(text)
         if token < 0:  # partial bytes, say: the longest target token the text starts with
-            token = next((lookup.get((text[:end], False), lookup.get((text[:end], True), -1))
-                          for end in range(len(text), 0, -1)
-                          if (text[:end], False) in lookup or (text[:end], True) in lookup), -1)
+            token = _longest_known_prefix(text, lookup)
         if token >= 0:
             first[i] = token
     return first
+
+
+def _continuations(teacher: list[str], special: np.ndarray, rows: int, lookup: dict[tuple[str, bool], int],
+                   first_token: _FirstToken) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`VocabMap`'s ``cont_offsets``, ``cont_first``, ``cont_read``: one entry per (ordinary token, bytes
+    read); the remainders' first target tokens are computed once per distinct remainder."""
+    counts = np.zeros(rows, dtype=np.int64)
+    firsts: list[int] = []
+    reads: list[int] = []
+    read_ids: dict[bytes, int] = {}
+    rest_first: dict[str, int] = {}
+    for i, text in enumerate(teacher):
+        spelled = text.encode("utf-8", "surrogateescape")
+        if special[i] or len(spelled) < 2:
+            continue
+        counts[i] = len(spelled) - 1
+        for k in range(1, len(spelled)):
+            rest = spelled[k:].decode("utf-8", "surrogateescape")
+            token = rest_first.get(rest)
+            if token is None:
+                token = first_token(rest)
+                rest_first[rest] = token if token >= 0 else _longest_known_prefix(rest, lookup)
+                token = rest_first[rest]
+            firsts.append(token)
+            reads.append(read_ids.setdefault(spelled[:k], len(read_ids)))
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, np.array(firsts, dtype=np.int64), np.array(reads, dtype=np.int64)
 
 
 def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -449,9 +497,13 @@ def build_vocab_map(teacher_tokenizer, target_tokenizer, teacher_rows: int | Non
     if path.is_file():
         with np.load(path) as data:
             return VocabMap(ids=data["ids"], exact=data["exact"], distance=data["distance"],
-                            special=data["special"], n_tokens=int(data["n_tokens"]), first=data["first"])
+                            special=data["special"], n_tokens=int(data["n_tokens"]), first=data["first"],
+                            cont_offsets=data["cont_offsets"], cont_first=data["cont_first"],
+                            cont_read=data["cont_read"])
     vmap = compute_vocab_map(teacher_tokenizer, target_tokenizer, rows)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, ids=vmap.ids, exact=vmap.exact, distance=vmap.distance,
-                                          special=vmap.special, n_tokens=np.int64(vmap.n_tokens), first=vmap.first))
+                                          special=vmap.special, n_tokens=np.int64(vmap.n_tokens), first=vmap.first,
+                                          cont_offsets=vmap.cont_offsets, cont_first=vmap.cont_first,
+                                          cont_read=vmap.cont_read))
     return vmap

@@ -70,8 +70,13 @@ class FuseLLMModule(CausalLMModule):
         ids, fused, weights = fuse_teachers(batch["teacher_ids"], probs, ce, f.function)
         if self.teacher_labels and self._trainer is not None:  # how often each teacher is chosen / weighed
             share = weights.float().mean(dim=tuple(d for d in range(weights.dim()) if d != 1))
-            for label, value in zip(self.teacher_labels, share):
+            # and how often it had no prediction for a (trained) position: the one-hot fallback
+            fell = batch["teacher_fallback"][..., :-1]  # [B, T, L-1]: position l predicts token l+1
+            trained = (batch["labels"][:, None, 1:] != -100).expand_as(fell)
+            fallback = (fell & trained).sum(dim=(0, 2)) / trained.sum(dim=(0, 2)).clamp(min=1)
+            for label, value, fell in zip(self.teacher_labels, share, fallback):
                 self.log(f"train/teacher_weight/{label}", value)
+                self.log(f"train/teacher_fallback/{label}", fell.float())
         return ids, fused
 
     def distillation_loss(self, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 # Qwen2.5-1.5B-shape model against HF's and liger-kernel's, memory and gradients included), then the
 # teacher-extraction benchmark (predict_step against a bare bf16 forward at 32k and 152k), then the embedded
 # FuseLLM default end to end under FSDP with activation checkpointing (FULL=1: also the whole default in
-# bf16-mixed). ONLY="kernel_tests extraction" runs just those steps.
+# bf16-mixed). ONLY="kernel_tests extraction" runs just those steps; FUSELLM_EXTRA adds recipe overrides.
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Missing packages can come as wheels in .whl/ (liger-kernel, datasets, rapidfuzz, ...), and a built zoo
 # in .gpu/zoo (FUSION_ZOO_DIR), so the machine needs no network.
@@ -32,13 +32,13 @@ step() {  # name, seconds, command...: run it with a time limit, keep its log, p
 }
 nvidia-smi -L
 $py -c "import torch, lightning, transformers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-step kernel_tests 90 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step kernel_tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_extraction_speedpath.py
 step fusion_step 250 $py bench/run.py fusion_step
 step extraction 200 $py bench/run.py extraction
 cat "$out"/fusion_step.log "$out"/extraction.log 2>/dev/null | grep '^{' > "$out/figures.jsonl"
 step fusellm_fsdp 110 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/fsdp trainer.strategy=fsdp \
   "fsdp.wrap=[LlamaDecoderLayer]" fsdp.activation_checkpointing=true trainer.precision=bf16-mixed \
-  trainer.max_steps=60 trainer.val_every_n_steps=60 $common
+  trainer.max_steps=60 trainer.val_every_n_steps=60 $common ${FUSELLM_EXTRA:-}
 [ "${FULL:-0}" = 1 ] && only="$only fusellm_bf16_mixed" && step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 \
   trainer.precision=bf16-mixed $common
 echo "== summary"

@@ -71,7 +71,8 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
                   teacher_table: TokenTable, mode: str, vocab_ids: np.ndarray, target_fingerprint: str,
                   workers: int = 1, label: str = "", rank: int = 0, world_size: int = 1) -> dict:
     """Compute the missing alignment files among ``shards`` (this rank's share of them), and return
-    ``{"positions", "fallback", "rate", "folder"}`` over the files of ``shards`` that exist.
+    ``{"positions", "fallback", "rate", "inside", "folder"}`` over the files of ``shards`` that exist
+    (``inside``: the share of positions served from inside a teacher token, ``prefix`` mode).
 
     ``chunk_folder`` is the chunk set the store was computed on (`fusion.data.chunks`). Under several
     processes, call it on every rank, then once more after a barrier for the totals.
@@ -92,12 +93,14 @@ def align_teacher(store: TeacherStore, shards: list[int], chunk_folder: Path, ta
                 _align_shard(shard)
                 progress.update()
         progress.close()
-    positions = fallback = 0
+    positions = fallback = inside = 0
     for shard in shards:
         if (folder / f"shard-{shard:05d}.npz").exists():
-            src, _, _ = read_alignment(folder, shard)
+            src, _, read = read_alignment(folder, shard)
             positions, fallback = positions + len(src), fallback + int((src < 0).sum())
-    return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1), "folder": str(folder)}
+            inside += 0 if read is None else int((read > 0).sum())
+    return {"positions": positions, "fallback": fallback, "rate": fallback / max(positions, 1),
+            "inside": inside / max(positions, 1), "folder": str(folder)}
 
 
 def readable(folder: Path, shard: int) -> bool:

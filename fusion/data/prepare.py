@@ -183,7 +183,8 @@ def align_teachers(recipe: Recipe, mode: str, chunk_dir: Path, info: dict, rank:
                               vocab_ids, tokenizer_fingerprint(target_tokenizer),
                               workers=recipe.data.preprocessing_workers, label=teacher.label, rank=rank,
                               world_size=world_size)
-        rates[teacher.label] = {"fallback_rate": stats["rate"], "positions": stats["positions"],
+        rates[teacher.label] = {"fallback_rate": stats["rate"], "inside_rate": stats["inside"],
+                                "positions": stats["positions"],
                                 "vocab_map": vmap.stats, "bad_chunks": [c for c in store.manifest()["bad_chunks"]
                                                                         if c < limit]}
         prepared.append(PreparedTeacher(label=teacher.label, store=store,

@@ -65,7 +65,11 @@ class Alignment(Stage):
         ctx.artifacts["aligned_teachers"] = aligned  # the data module's, without aligning twice
         if ctx.is_global_zero:
             for label, rate in aligned[1].items():
+                inside = ""
+                if rate["inside_rate"]:  # prefix mode: those positions fall back when no candidate fits
+                    inside = (f" ({rate['inside_rate']:.1%} served from inside a teacher token; training logs "
+                              f"train/teacher_fallback/{label})")
                 print(f"[fusion] teacher {label}: {r.fusion.alignment} alignment falls back to the gold token at "
-                      f"{rate['fallback_rate']:.1%} of {rate['positions']:,} positions; "
+                      f"{rate['fallback_rate']:.1%} of {rate['positions']:,} positions{inside}; "
                       f"{len(rate['bad_chunks'])} chunks excluded (NaN/inf)")
         return {"mode": r.fusion.alignment, "teachers": aligned[1]}

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.errors import FusionError
-from fusion.zoo import ZOO_MODELS, ZOO_VERSION, build_zoo, is_zoo_ref, resolve_model, zoo_root
+from fusion.zoo import ZOO_CORE, ZOO_MODELS, ZOO_VERSION, build_zoo, is_zoo_ref, resolve_model, zoo_root
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES = {"target": "llama", "gpt2-code": "gpt2", "neox-prose": "gpt_neox"}
@@ -42,7 +42,7 @@ def test_manifest_describes_three_models_with_different_vocabularies(zoo, manife
     assert zoo == zoo_root("small", zoo.parent) and zoo.name == f"small-{ZOO_VERSION}"
     assert manifest["version"] == ZOO_VERSION and manifest["size"] == "small"
     assert isinstance(manifest["seed"], int) and len(manifest["corpus_fingerprint"]) == 16
-    assert tuple(manifest["models"]) == ZOO_MODELS
+    assert tuple(manifest["models"]) == ZOO_CORE and ZOO_MODELS == (*ZOO_CORE, "oracle")
     vocab = [m["vocab_size"] for m in manifest["models"].values()]
     families = [m["tokenizer_family"] for m in manifest["models"].values()]
     assert len(set(vocab)) == 3 and len(set(families)) == 3
@@ -53,7 +53,7 @@ def test_manifest_describes_three_models_with_different_vocabularies(zoo, manife
     assert neox["config_vocab_size"] > neox["vocab_size"] and neox["config_vocab_size"] % 64 == 0
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", ZOO_CORE)
 def test_each_folder_loads_with_the_auto_classes(zoo, manifest, name):
     tokenizer, model = load(zoo, name)
     config, entry = model.config, manifest["models"][name]
@@ -119,7 +119,7 @@ def test_each_source_beats_the_target_on_its_own_domain(manifest):
     assert ppl["gpt2-code"]["prose"] > ppl["target"]["prose"]  # a code model reads English badly
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", ZOO_CORE)
 def test_models_generate_new_tokens(zoo, name):
     tokenizer, model = load(zoo, name)
     inputs = tokenizer(["def main():\n", "The"], return_tensors="pt", padding=True, padding_side="left")
@@ -161,7 +161,8 @@ def test_rebuild_is_bitwise_identical_and_cleans_up_a_killed_build(zoo, manifest
     assert build_zoo("small", tmp_path, progress=False) == final
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name, f"{final.name}.lock"]
-    for name in ZOO_MODELS:
+    assert sorted(p.name for p in final.iterdir()) == sorted([*ZOO_CORE, "zoo.json"])  # no oracle: built on use
+    for name in ZOO_CORE:
         for file in ("model.safetensors", "tokenizer.json", "config.json"):
             assert (final / name / file).read_bytes() == (zoo / name / file).read_bytes(), f"{name}/{file}"
     assert json.loads((final / "zoo.json").read_text())["models"] == manifest["models"]
@@ -172,7 +173,7 @@ def test_resolve_model(zoo):
     assert resolve_model("zoo:neox-prose", "small", zoo.parent) == str(zoo / "neox-prose")
     for ref in ("gpt2", "/models/llama", "./zoo:target"):
         assert resolve_model(ref, "small", zoo.parent) == ref
-    with pytest.raises(FusionError, match="zoo:target, zoo:gpt2-code, zoo:neox-prose"):
+    with pytest.raises(FusionError, match="zoo:target, zoo:gpt2-code, zoo:neox-prose, zoo:oracle"):
         resolve_model("zoo:unknown", "small", zoo.parent)
     assert is_zoo_ref("zoo:target") and not is_zoo_ref("target") and not is_zoo_ref("")
 
@@ -197,9 +198,10 @@ def test_command_line_prints_the_perplexity_table(zoo, manifest):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert str(zoo) in lines[0]
-    for name in ZOO_MODELS:
+    for name in ZOO_CORE:
         row = next(line for line in lines if line.startswith(name))
         assert f"{manifest['models'][name]['val_perplexity']['code']:.2f}" in row
+    assert not any(line.startswith("oracle") for line in lines)  # only with --with-oracle (test_zoo_oracle)
     bad = subprocess.run([sys.executable, "-m", "fusion.zoo", "--size", "huge"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2  # a user error: one line, no traceback

@@ -1,28 +1,32 @@
 """The FuseLLM paper's comparison in miniature, on the embedded zoo: one command, one table, one plot.
 
-    python -m fusion.experiments.fusellm_table            # ~7 minutes on 2 CPU cores once the zoo and shards exist
+    python -m fusion.experiments.fusellm_table            # 7 variants x 3 seeds, ~25 minutes on 2 CPU cores
 
-Every variant starts from the same target (``zoo:target``), reads the same chunks in the same order
-and trains for the same steps (those of ``recipes/fusellm.yaml``); only the objective differs:
+Every variant starts from the same target (``zoo:target``) and trains for the same steps and batch shape
+(those of ``recipes/fusellm.yaml``); only the objective (or the data path) differs:
 
-    clm             lambda = 1: the causal-LM loss only (the paper's "Llama-2 CLM")
-    kd-gpt2-code    single-teacher distillation from the code source alone, lambda = 0.9
-    kd-neox-prose   single-teacher distillation from the prose source alone
-    fusellm-mince   FuseLLM: target + both sources, MinCE, MinED alignment (the paper's method)
+    clm             ``recipes/clm.yaml``: the causal-LM loss on packed text blocks, what a user runs
+                    without fusion (the paper's "Llama-2 CLM"); every difference is measured against it
+    clm-chunks      ``fusellm.yaml`` with lambda = 1: the same loss on the fusion data path's chunks
+    fusellm-mince   FuseLLM as the embedded default runs it: target + both sources, MinCE, MinED alignment
     fusellm-avgce   the same with AvgCE
     fusellm-exact   the same with exact-match (EM) alignment instead of MinED
+    fusellm-prefix  the same with the ``prefix`` alignment
+    kd-oracle       distillation from ``zoo:oracle``, a stronger model with the target's own tokenizer:
+                    no alignment at all, so it checks the distillation path itself
 
-and two more that probe why the result comes out as it does:
+and, with ``--only``: ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone), ``fusellm-lambda0.5``,
+``fusellm-target-ce`` (MinCE by CE per target token) and ``fusellm-target-ce-lambda0.5``.
 
-    fusellm-lambda0.5   MinCE with lambda = 0.5: more weight on the teachers
-    fusellm-target-ce   MinCE choosing teachers by CE per *target* token instead of per own token
-    fusellm-target-ce-lambda0.5   both
-
-Held-out perplexity per domain and overall (the validation blocks of every run) is tabulated beside
-the initial target's and each source model's. A source's perplexity is measured on the same text:
-its summed NLL under its own tokenizer divided by the number of *target* tokens, so all rows share
-one unit. Runs live in ``runs/fusellm-table/`` (re-running skips finished ones); the table and plot
-are written to ``docs/results/`` (``fusellm-table.md``, ``.json``, ``.png``).
+Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
+anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
+mean and sample standard deviation over the seeds, and the paired difference to ``clm`` per seed (in
+%, negative = better); a difference is called real only beyond 2 standard deviations of the paired
+differences. The initial target's and each source model's perplexities are tabulated beside them (a
+source's on the same text: its summed NLL under its own tokenizer divided by the number of *target*
+tokens, so all rows share one unit). Runs live in ``runs/fusellm-table/<variant>-s<seed>`` (re-running
+skips finished ones); the table and plot go to ``docs/results/`` (``fusellm-table.md``, ``.json``,
+``.png``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +46,6 @@ from fusion.data.chunks import start_token_id
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.errors import FusionError
 from fusion.recipe import load_recipe
-from fusion.report import perplexity_table
 from fusion.zoo import resolve_model
 
 TEACHERS = {
@@ -50,32 +54,76 @@ TEACHERS = {
     "neox-prose": "{path: zoo:neox-prose, name: neox-prose}",
 }
 ALL = f"[{TEACHERS['target']}, {TEACHERS['gpt2-code']}, {TEACHERS['neox-prose']}]"
-VARIANTS = {
-    "clm": ["fusion.clm_weight=1.0"],
-    "kd-gpt2-code": [f"teachers=[{TEACHERS['gpt2-code']}]"],
-    "kd-neox-prose": [f"teachers=[{TEACHERS['neox-prose']}]"],
-    "fusellm-mince": [],
-    "fusellm-avgce": ["fusion.function=avgce"],
-    "fusellm-exact": ["fusion.alignment=exact"],
-    # beyond the paper: what moves the result (see the README)
-    "fusellm-lambda0.5": ["fusion.clm_weight=0.5"],
-    "fusellm-target-ce": ["fusion.ce_unit=target_token"],
-    "fusellm-target-ce-lambda0.5": ["fusion.ce_unit=target_token", "fusion.clm_weight=0.5"],
+ORACLE = "[{path: zoo:oracle, name: oracle}]"
+VARIANTS = {  # name -> (recipe, overrides)
+    "clm": ("clm.yaml", []),
+    "clm-chunks": ("fusellm.yaml", ["fusion.clm_weight=1.0"]),
+    "fusellm-mince": ("fusellm.yaml", []),
+    "fusellm-avgce": ("fusellm.yaml", ["fusion.function=avgce"]),
+    "fusellm-exact": ("fusellm.yaml", ["fusion.alignment=exact"]),
+    "fusellm-prefix": ("fusellm.yaml", ["fusion.alignment=prefix"]),
+    "kd-oracle": ("fusellm.yaml", [f"teachers={ORACLE}"]),
+    # with --only: what moves the result (see the README)
+    "kd-gpt2-code": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}]"]),
+    "kd-neox-prose": ("fusellm.yaml", [f"teachers=[{TEACHERS['neox-prose']}]"]),
+    "fusellm-lambda0.5": ("fusellm.yaml", ["fusion.clm_weight=0.5"]),
+    "fusellm-target-ce": ("fusellm.yaml", ["fusion.ce_unit=target_token"]),
+    "fusellm-target-ce-lambda0.5": ("fusellm.yaml", ["fusion.ce_unit=target_token", "fusion.clm_weight=0.5"]),
 }
+DEFAULT = ("clm", "clm-chunks", "fusellm-mince", "fusellm-avgce", "fusellm-exact", "fusellm-prefix", "kd-oracle")
 SOURCES = ("gpt2-code", "neox-prose")
+KEYS = {"overall": "val/perplexity", "code": "val/perplexity/code", "prose": "val/perplexity/prose"}
 
 
-def run_variant(name: str, overrides: list[str], runs: Path) -> dict:
-    """Train (or find) one variant with ``python -m fusion.fit``; returns its after-training perplexities."""
-    out = runs / name
-    args = [sys.executable, "-m", "fusion.fit", "--recipe", "fusellm.yaml", f"name=fusellm-table-{name}",
-            f"output_dir={out}", f"teachers={ALL}", *_extra, *overrides]  # the variant has the last word
+def run_variant(name: str, seed: int, runs: Path) -> dict:
+    """Train (or find) one variant at one seed with ``python -m fusion.fit``; its before/after perplexities."""
+    recipe, overrides = VARIANTS[name]
+    out = runs / f"{name}-s{seed}"
+    teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
+    args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}",
+            f"output_dir={out}", f"seed={seed}", *teachers, *_extra, *overrides]  # the variant has the last word
     if not (out / "stages" / "evaluate.json").exists():
-        print(f"[table] training {name}: {' '.join(args[3:])}", flush=True)
+        print(f"[table] training {name}, seed {seed}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
-            raise FusionError(f"variant {name} failed; see the output above, then re-run to resume it")
+            raise FusionError(f"variant {name} (seed {seed}) failed; see the output above, then re-run to resume it")
     evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]
     return {"before": evaluation["before"], "after": evaluation["after"]}
+
+
+def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, dict]:
+    """Per variant: per-seed perplexities, mean and sample std per domain, and the paired difference to
+    ``clm`` per seed (% of clm's perplexity), its mean, std and whether it is beyond 2 std."""
+    summary = {}
+    for name, by_seed in results.items():
+        entry = {"seeds": seeds, "recipe": VARIANTS[name][0], "overrides": VARIANTS[name][1]}
+        for domain, key in KEYS.items():
+            values = [by_seed[s]["after"][key] for s in seeds]
+            entry[f"{domain}_ppl_per_seed"] = values
+            entry[f"{domain}_ppl_mean"] = statistics.mean(values)
+            entry[f"{domain}_ppl_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if "clm" in results and name != "clm":
+            diffs = [100 * (by_seed[s]["after"][KEYS["overall"]] / results["clm"][s]["after"][KEYS["overall"]] - 1)
+                     for s in seeds]
+            mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            entry.update({"vs_clm_pct_per_seed": diffs, "vs_clm_pct_mean": mean, "vs_clm_pct_std": std,
+                          "vs_clm_beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
+        summary[name] = entry
+    return summary
+
+
+def markdown(summary: dict[str, dict], fixed: dict[str, dict[str, float]]) -> str:
+    """The table: fixed rows (initial target, sources) with one value, variants with mean ± std."""
+    lines = ["| model | overall | code | prose | vs clm, paired (%) |", "|---|---|---|---|---|"]
+    for name, row in fixed.items():
+        lines.append(f"| {name} | {row[KEYS['overall']]:.2f} | {row[KEYS['code']]:.2f} | {row[KEYS['prose']]:.2f} | |")
+    for name, e in summary.items():
+        cells = [f"{e[f'{d}_ppl_mean']:.2f} ± {e[f'{d}_ppl_std']:.2f}" for d in KEYS]
+        versus = ""
+        if "vs_clm_pct_mean" in e:
+            versus = f"{e['vs_clm_pct_mean']:+.1f} ± {e['vs_clm_pct_std']:.1f}" + (" (beyond 2σ)" if e[
+                "vs_clm_beyond_2std"] else "")
+        lines.append(f"| {name} | {' | '.join(cells)} | {versus} |")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -135,22 +183,21 @@ def _tokens(blocks) -> int:
     return sum(len(b["input_ids"]) - 1 for b in blocks)
 
 
-def plot(rows: dict[str, dict[str, float]], out_file: Path) -> None:
+def plot(summary: dict[str, dict], fixed: dict[str, dict[str, float]], out_file: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("val/perplexity", "overall"), ("val/perplexity/code", "code"), ("val/perplexity/prose", "prose")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (key, title) in zip(axes, keys):
-        names = list(rows)
-        values = [rows[n].get(key, float("nan")) for n in names]
-        colors = ["#999999" if n.startswith(("source", "initial")) else "#4c72b0" if n == "clm" else "#dd8452"
-                  for n in names]
-        ax.barh(names, values, color=colors)
+    for ax, domain in zip(axes, KEYS):
+        names = list(fixed) + list(summary)
+        values = [fixed[n][KEYS[domain]] for n in fixed] + [summary[n][f"{domain}_ppl_mean"] for n in summary]
+        errors = [0.0] * len(fixed) + [summary[n][f"{domain}_ppl_std"] for n in summary]
+        colors = ["#999999" if n in fixed else "#4c72b0" if n.startswith("clm") else "#dd8452" for n in names]
+        ax.barh(names, values, xerr=errors, color=colors, capsize=3)
         ax.invert_yaxis()
-        ax.set_title(f"{title} perplexity (lower is better)")
+        ax.set_title(f"{domain} perplexity (lower is better; mean ± std over seeds)")
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
     fig.tight_layout()
@@ -166,26 +213,31 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/fusellm-table", help="where the variants' run folders go")
     parser.add_argument("--out", default="docs/results", help="where fusellm-table.md/.json/.png are written")
-    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="train only these variants")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help=f"variants (default: {', '.join(DEFAULT)})")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                         help="applied to every variant, e.g. trainer.max_steps=100")
     args = parser.parse_args(argv)
     _extra[:] = args.overrides
+    names = args.only or list(DEFAULT)
     try:
         runs, out = Path(args.runs), Path(args.out)
-        results = {name: run_variant(name, overrides, runs) for name, overrides in VARIANTS.items()
-                   if not args.only or name in args.only}
-        rows = {"initial target": next(iter(results.values()))["before"], **source_rows(args.overrides)}
-        rows.update({name: r["after"] for name, r in results.items()})
+        results = {name: {seed: run_variant(name, seed, runs) for seed in args.seeds} for name in names}
+        first = results[names[0]][args.seeds[0]]
+        fixed = {"initial target": first["before"], **source_rows(args.overrides)}
+        summary = summarise(results, args.seeds)
         out.mkdir(parents=True, exist_ok=True)
-        table = perplexity_table(rows)
         recipe = load_recipe("fusellm.yaml", args.overrides)
+        command = " ".join(["python -m fusion.experiments.fusellm_table", *(["--only", *names] if args.only else []),
+                            "--seeds", *map(str, args.seeds), *args.overrides])
         header = (f"FuseLLM in miniature: held-out perplexity after {recipe.trainer.max_steps} steps of batch "
-                  f"{recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target "
-                  f"(`python -m fusion.experiments.fusellm_table {' '.join(args.overrides)}`)\n\n")
+                  f"{recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
+                  f"std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
+        table = markdown(summary, fixed)
         (out / "fusellm-table.md").write_text(header + table + "\n")
-        (out / "fusellm-table.json").write_text(json.dumps(rows, indent=2) + "\n")
-        plot(rows, out / "fusellm-table.png")
+        (out / "fusellm-table.json").write_text(json.dumps({"command": command, "fixed": fixed, "variants": summary},
+                                                           indent=2) + "\n")
+        plot(summary, fixed, out / "fusellm-table.png")
         print("\n" + header + table)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)

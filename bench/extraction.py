@@ -15,7 +15,7 @@ Models are random-weight configs (nothing is downloaded), full-length sequences,
 - CUDA (bf16): the shapes of TinyLlama-1.1B (22 layers, hidden 2,048, V = 32,000) and Qwen2.5-1.5B
   (28 layers, hidden 1,536, V = 151,936), 8 x 2,048 tokens; also the peak memory growth of each
   variant over the weights, and ``eager_log_z_ratio``: the new code with the eager float32 log-softmax
-  (the CPU path) in place of the fused Triton log Z (`fusion.modules.kernels.row_log_z`).
+  (the CPU path) in place of the fused Triton log Z (`fusion.kernels.row_log_z`).
 
 Variants alternate in one process: ``ROUNDS`` rounds in rotating order, each timing every variant
 ``STEPS`` times after a warm-up; ``value`` / ``baseline`` are the median over the rounds of the ratio of
@@ -34,9 +34,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fusion import kernels
 from fusion.data.representations import TeacherModule
 from fusion.data.store import ChunkPredictions
-from fusion.modules import kernels
 
 ROUNDS = int(os.environ.get("FUSION_BENCH_ROUNDS", 7))
 STEPS, TOP_K = 1, 10

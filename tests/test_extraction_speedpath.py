@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusion import kernels
 from fusion.data.representations import TeacherModule
-from fusion.modules import kernels
 from fusion.zoo import resolve_model
 
 LENGTHS = [41, 17, 2, 30]  # padded to 41 in one batch; a 2-token sequence has one prediction row

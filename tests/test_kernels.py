@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from fusion.modules import kernels
+from fusion import kernels
 from fusion.modules.losses import IGNORE_INDEX, vocab_loss
 
 pytestmark = pytest.mark.skipif(

@@ -32,13 +32,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fusion import kernels
 from fusion.config import TeacherConfig
 from fusion.data.cache import cache_root, file_sha256
 from fusion.data.chunks import sequence_ids
 from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_dtype
 from fusion.data.text import load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError, first_line
-from fusion.modules import kernels
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fusion.modules import kernels
+from fusion import kernels
 
 IGNORE_INDEX = -100
 

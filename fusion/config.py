@@ -136,8 +136,13 @@ class FusionConfig:
     """`linear`: lambda grows from `clm_weight` to 1 over training (the distillation weight decays to 0)."""
     loss: Literal["ce", "kl"] = "ce"
     """Distillation loss against the fused distribution: cross-entropy (the paper) or KL divergence."""
+    tail: Literal["renormalise", "bucket"] = "renormalise"
+    """What becomes of the teacher's probability outside its stored top-k: `renormalise` (the paper) spreads
+    it over the k, so they sum to one; `bucket` keeps the k at their own probabilities and trains the
+    student's mass outside them towards the remainder, one more outcome of the distillation loss."""
     temperature: float = 1.0
-    """Teacher temperature: the stored top-k log-probs are divided by it and renormalised over the k."""
+    """Teacher temperature: the stored top-k log-probs (and, with `tail: bucket`, the remainder as one more
+    outcome) are divided by it and renormalised."""
 
 
 @dataclass

@@ -11,9 +11,11 @@ from fusion.modules.base import CausalLMModule
 from fusion.modules.fusellm import FuseLLMModule
 from fusion.modules.losses import (
     IGNORE_INDEX,
+    cross_entropy_to_teacher,
     fuse_teachers,
     kl_to_teacher,
     next_token_targets,
+    tail_cross_entropy,
     teacher_probs,
     vocab_loss,
 )
@@ -78,6 +80,69 @@ def test_vocab_loss_equals_the_dense_reference_in_value_and_gradient(loss, chunk
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
     if name == "kl":
         assert parts.distill_sum >= 0
+
+
+def dense_tail_reference(logits, labels, ids, probs, loss):
+    """`dense_reference` plus the rest of the vocabulary as one outcome: the teacher's 1 − Σp against the
+    student's mass outside the ids that have a probability, both as dense [B, L, V] tensors."""
+    nll, distill, tokens = dense_reference(logits, labels, ids, probs, loss)
+    target = torch.zeros(*ids.shape[:2], V).scatter_add(-1, ids, probs)[:, :-1]
+    q = logits[:, :-1].float().softmax(-1)
+    rest = 1 - target.sum(-1)
+    rest = torch.where(rest > 1e-6, rest, 0)
+    term = -rest * torch.log(1 - (q * (target > 0)).sum(-1))
+    if loss == "kl":
+        term = term + torch.where(rest > 0, rest * rest.log(), 0)
+    return nll, distill + (term * (labels[:, 1:] != IGNORE_INDEX)).sum(), tokens
+
+
+def ce_with_tail(z, i, p):  # the building blocks: the autograd path's own version of "ce" with tail=True
+    return cross_entropy_to_teacher(z, i, p) + tail_cross_entropy(z, i, p)
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", ce_with_tail])
+@pytest.mark.parametrize("chunk_size", [1024, 5])
+def test_tail_bucket_equals_the_dense_reference_in_value_and_gradient(loss, chunk_size):
+    hidden, weight, bias, labels, ids, probs = random_case(seed=3)
+    g = torch.Generator().manual_seed(4)
+    probs = probs * torch.rand(*probs.shape[:2], 1, generator=g)  # each row keeps part of the teacher's mass
+    probs[0, 4] /= probs[0, 4].sum()  # and one row all of it: no tail
+    ids[1, 2, 2] = ids[1, 2, -1]  # a dropped candidate (p = 0) shares an id with a kept one: the id is inside
+    n = labels.numel()
+    parts = vocab_loss(hidden.reshape(n, -1), weight, next_token_targets(labels).reshape(-1), bias=bias,
+                       clm_weight=1.0, distill_weight=0.7, ids=ids.reshape(n, -1), probs=probs.reshape(n, -1),
+                       distillation=loss, tail=True, chunk_size=chunk_size)
+    grads = torch.autograd.grad(parts.loss, (hidden, weight, bias))
+    ref_nll, ref_distill, _ = dense_tail_reference(hidden @ weight.T + bias, labels, ids, probs,
+                                                   loss if isinstance(loss, str) else "ce")
+    ref_grads = torch.autograd.grad(ref_nll + 0.7 * ref_distill, (hidden, weight, bias))
+    torch.testing.assert_close(parts.distill_sum, ref_distill, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.loss, ref_nll + 0.7 * ref_distill, rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tail_bucket_is_minimised_by_the_teachers_own_probabilities():
+    """Renormalising a top-k that holds 40 % of the teacher's mass teaches 2.5x its probabilities; the
+    bucket's loss has its minimum at the probabilities themselves, the rest spread outside the k."""
+    logprobs = torch.log(torch.tensor([[0.3, 0.1]]))
+    bucket, renormalised = teacher_probs(logprobs, tail="bucket"), teacher_probs(logprobs)
+    torch.testing.assert_close(bucket, torch.tensor([[0.3, 0.1]]))
+    torch.testing.assert_close(renormalised, torch.tensor([[0.75, 0.25]]))
+    ids = torch.tensor([[0, 1]])
+    for probs, want in ((bucket, [0.3, 0.1]), (renormalised, [0.75, 0.25])):
+        z = torch.zeros(1, 8, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.1)
+        for _ in range(1000):
+            opt.zero_grad()
+            parts = vocab_loss(z, None, torch.tensor([7]), clm_weight=0.0, ids=ids, probs=probs,
+                               distill_weight=1.0, tail=True)
+            parts.loss.backward()
+            opt.step()
+        torch.testing.assert_close(z.softmax(-1)[0, :2], torch.tensor(want), atol=1e-3, rtol=0)
+    hot = teacher_probs(logprobs, temperature=2.0, tail="bucket")  # the tail is one outcome of the softmax
+    flat = torch.tensor([0.3, 0.1, 0.6]).sqrt()
+    torch.testing.assert_close(hot, (flat / flat.sum())[None, :2])
 
 
 def test_vocab_loss_under_bf16_autocast_matches_the_reference_to_bf16_precision():

@@ -41,7 +41,8 @@ def test_scaled_softmax_is_softmax_times_scale_and_log_z(dtype, vocab):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("through_logits", [False, True])
 @pytest.mark.parametrize("loss", ["ce", "kl"])
-def test_vocab_loss_with_the_kernel_equals_the_eager_path(monkeypatch, dtype, through_logits, loss):
+@pytest.mark.parametrize("tail", [False, True])
+def test_vocab_loss_with_the_kernel_equals_the_eager_path(monkeypatch, dtype, through_logits, loss, tail):
     g = torch.Generator(DEVICE).manual_seed(1)
     n, width, vocab, k = 37, 16, 5003, 6
     hidden = torch.randn(n, width, device=DEVICE, generator=g).to(dtype).requires_grad_()
@@ -51,11 +52,13 @@ def test_vocab_loss_with_the_kernel_equals_the_eager_path(monkeypatch, dtype, th
     ids = torch.randint(0, vocab, (n, k), device=DEVICE, generator=g)
     ids[:, 1] = ids[:, 0]  # duplicates add up
     probs = torch.softmax(torch.randn(n, k, device=DEVICE, generator=g), -1)
+    if tail:  # the candidates hold part of the teacher's mass; the rest is one more outcome
+        probs = probs * torch.rand(n, 1, device=DEVICE, generator=g)
 
     def run():
         x = hidden @ weight.T if through_logits else hidden
         parts = vocab_loss(x, None if through_logits else weight, targets, clm_weight=0.9 / n, ids=ids, probs=probs,
-                           distill_weight=0.1 / n, distillation=loss, chunk_size=16)
+                           distill_weight=0.1 / n, distillation=loss, tail=tail, chunk_size=16)
         grads = torch.autograd.grad(parts.loss, (hidden, weight))
         return parts, grads
 

@@ -79,11 +79,12 @@ class CausalLMModule(pl.LightningModule):
 
     def vocab_loss(self, batch: dict, clm_weight: float = 1.0, distill_weight: float = 0.0,
                    ids: torch.Tensor | None = None, probs: torch.Tensor | None = None,
-                   distillation: str | Callable = "ce") -> LossParts:
+                   distillation: str | Callable = "ce", tail: bool = False) -> LossParts:
         """``clm_weight · mean NLL + distill_weight · mean D(teacher ‖ model)`` over the batch's target tokens.
 
         ``ids / probs`` ``[B, T, K]``: the teacher's candidates for the token after each position;
-        ``distillation``: ``ce``, ``kl`` or a per-position function (see `vocab_loss`). The targets are
+        ``distillation``: ``ce``, ``kl`` or a per-position function, ``tail``: the candidates may sum to less
+        than one, the rest is one more outcome (see `vocab_loss`). The targets are
         the batch's ``labels`` (its ``input_ids`` if it has none), shifted by one.
         """
         targets = next_token_targets(batch.get("labels", batch["input_ids"])).reshape(-1)
@@ -99,7 +100,7 @@ class CausalLMModule(pl.LightningModule):
             ids, probs = ids.reshape(targets.numel(), -1), probs.reshape(targets.numel(), -1)
         return vocab_loss(hidden.reshape(targets.numel(), -1), weight, targets, bias=bias,
                           clm_weight=clm_weight / tokens, distill_weight=distill_weight / tokens, ids=ids,
-                          probs=probs, distillation=distillation, chunk_size=self.hparams.loss_chunk_size)
+                          probs=probs, distillation=distillation, tail=tail, chunk_size=self.hparams.loss_chunk_size)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         """The objective; subclasses add their terms here. Logs under `train/`."""

@@ -48,6 +48,7 @@ class FuseLLMModule(CausalLMModule):
         own_loss = cls.distillation_loss is not FuseLLMModule.distillation_loss
         loss = f"{cls.__name__}.distillation_loss" if own_loss else f.loss.upper()
         fused = f"{_FUNCTION_NAMES[f.function]}-fused teachers at {f.level} level"
+        fused += ", the rest of the vocabulary as one outcome" if f.tail == "bucket" else ""
         schedule = ", lambda growing linearly to 1" if f.clm_weight_schedule == "linear" else ""
         return f"{f.clm_weight:g} x CLM + {1 - f.clm_weight:g} x {loss}({fused}{', ' + own if own else ''}){schedule}"
 
@@ -62,7 +63,7 @@ class FuseLLMModule(CausalLMModule):
     def fuse(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused teacher distribution ``(ids, probs)``, ``[B, L, K]`` (override for a new fusion function)."""
         f = self.fusion_config
-        probs = teacher_probs(batch["teacher_logprobs"], f.temperature)
+        probs = teacher_probs(batch["teacher_logprobs"], f.temperature, f.tail)
         if f.level == "token":
             ce = batch["teacher_token_ce"]
         else:
@@ -92,7 +93,8 @@ class FuseLLMModule(CausalLMModule):
         lam = self.clm_weight()
         custom = type(self).distillation_loss is not FuseLLMModule.distillation_loss
         parts = self.vocab_loss(batch, clm_weight=lam, distill_weight=1 - lam, ids=ids, probs=probs,
-                                distillation=self.distillation_loss if custom else self.fusion_config.loss)
+                                distillation=self.distillation_loss if custom else self.fusion_config.loss,
+                                tail=self.fusion_config.tail == "bucket")
         if self._trainer is not None:
             tokens = parts.tokens.clamp(min=1)
             self.log("train/clm_loss", parts.nll_sum / tokens)

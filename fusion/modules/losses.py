@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fusion import kernels
 
 IGNORE_INDEX = -100
+_TAIL_MIN = 1e-6  # a teacher's tail mass below this is float error; the student's 1 − Q is kept above it
 
 # --- building blocks ---------------------------------------------------------------------------------
 
@@ -42,6 +43,12 @@ def candidate_logprobs(logits: torch.Tensor, ids: torch.Tensor, lz: torch.Tensor
     return logits.gather(-1, ids) - (log_z(logits) if lz is None else lz).unsqueeze(-1)
 
 
+def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """``[n, K]`` ids -> ``[n, K]`` bool: True at the first occurrence of each distinct id in its row."""
+    same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # [n, K, K]
+    return same.float().argmax(-1) == torch.arange(ids.size(-1), device=ids.device)
+
+
 def pooled_probs(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """The teacher distribution on distinct ids: ``[n, K]`` -> ``[n, K]``.
 
@@ -50,15 +57,47 @@ def pooled_probs(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     so each id counts once and the row still sums to the teacher's total mass.
     """
     same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # [n, K, K]
-    first = same.float().argmax(-1) == torch.arange(ids.size(-1), device=ids.device)
-    return (same * probs.unsqueeze(-2)).sum(-1) * first
+    return (same * probs.unsqueeze(-2)).sum(-1) * first_occurrence(ids)
 
 
-def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Stored top-k log-probs ``[..., k]`` -> probabilities renormalised over the k at ``temperature``
-    (FuseLLM's softmax over the stored candidates); ``-inf`` entries get 0, and so does a row with no
-    finite entry (its softmax would be NaN, which a mask by multiplication would spread)."""
-    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+def tail_mass(probs: torch.Tensor) -> torch.Tensor:
+    """The teacher's probability outside its candidates, ``1 − Σ p`` per row: ``[n, K]`` -> ``[n]``.
+
+    0 where the candidates sum to one up to float error (a renormalised list) and where they sum to 0
+    (a row with no teacher)."""
+    total = probs.sum(-1)
+    rest = 1 - total
+    return torch.where((rest > _TAIL_MIN) & (total > 0), rest, 0.0)
+
+
+def tail_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                       lz: torch.Tensor | None = None) -> torch.Tensor:
+    """``−r · log(1 − Σ_u q(u))`` per position: the teacher's tail mass r (`tail_mass`) as one more outcome,
+    against the student's probability outside the candidates' distinct ids u (those with a probability:
+    a dropped candidate's id is not the teacher's word on that token, so it stays in the tail)."""
+    inside = (candidate_logprobs(logits, ids, lz).exp() * (pooled_probs(ids, probs) > 0)).sum(-1)
+    return -tail_mass(probs) * torch.log1p(-inside.clamp(max=1 - _TAIL_MIN))
+
+
+def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0, tail: str = "renormalise") -> torch.Tensor:
+    """Stored top-k log-probs ``[..., k]`` -> the candidates' probabilities at ``temperature``.
+
+    ``tail="renormalise"`` (FuseLLM): a softmax over the k, so they sum to one. ``tail="bucket"``: the
+    probability the teacher gave to the rest of its vocabulary, ``1 − Σ exp(logprob)``, is one more
+    outcome of the softmax and is left out of the result, so the candidates keep their own probabilities
+    (at temperature 1, exactly) and sum to less than one; `vocab_loss` with ``tail=True`` trains the
+    student's mass outside the candidates towards that remainder (`tail_cross_entropy`).
+    ``-inf`` entries get 0, and so does a row with no finite entry (its softmax would be NaN, which a mask
+    by multiplication would spread).
+    """
+    logprobs = logprobs.float()
+    if tail == "bucket":
+        rest = (1 - logprobs.exp().sum(-1, keepdim=True)).clamp(min=0).log()
+        probs = torch.softmax(torch.cat([logprobs, rest], dim=-1) / temperature, dim=-1)[..., :-1]
+    elif tail == "renormalise":
+        probs = torch.softmax(logprobs / temperature, dim=-1)
+    else:
+        raise ValueError(f"unknown tail {tail!r}: use 'renormalise' or 'bucket'")
     return torch.where(torch.isneginf(logprobs).all(-1, keepdim=True), 0.0, probs)
 
 
@@ -138,7 +177,7 @@ def vocab_loss(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch
                bias: torch.Tensor | None = None, clm_weight: torch.Tensor | float = 1.0,
                ids: torch.Tensor | None = None, probs: torch.Tensor | None = None,
                distill_weight: torch.Tensor | float = 0.0, distillation: str | Callable = "ce",
-               chunk_size: int | None = None) -> LossParts:
+               tail: bool = False, chunk_size: int | None = None) -> LossParts:
     """``clm_weight · Σ NLL + distill_weight · Σ D`` over the tokens with a target, chunk by chunk.
 
     Args:
@@ -153,6 +192,9 @@ def vocab_loss(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch
         distillation: ``"ce"`` or ``"kl"`` (gradients written out by hand: the fast path), or a
             function ``(logits [n, V] float32, ids [n, K], probs [n, K]) -> [n]`` made of the building
             blocks above (its gradient comes from autograd, inside each chunk).
+        tail: the candidates may sum to less than one (`teacher_probs` with ``tail="bucket"``): ``"ce"``
+            and ``"kl"`` add the rest of the vocabulary as one more outcome, `tail_cross_entropy` (and,
+            for KL, its ``r log r``). A function gets the candidates as they are.
         chunk_size: tokens per chunk: the logits exist ``chunk_size`` rows at a time (in the head's
             dtype with the CUDA kernel; float32 plus one copy in the head's dtype on the eager path);
             None: `auto_chunk_size`.
@@ -170,7 +212,7 @@ def vocab_loss(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch
     weights = torch.stack([torch.as_tensor(clm_weight, dtype=torch.float32, device=hidden.device),
                            torch.as_tensor(distill_weight, dtype=torch.float32, device=hidden.device)])
     loss, nll_sum, distill_sum = _ChunkedVocabLoss.apply(hidden, weight, bias, targets, ids, probs.float(), weights,
-                                                         distillation, chunk_size or auto_chunk_size(vocab))
+                                                         distillation, tail, chunk_size or auto_chunk_size(vocab))
     return LossParts(loss, nll_sum, distill_sum, mask.sum())
 
 
@@ -178,7 +220,7 @@ class _ChunkedVocabLoss(torch.autograd.Function):
     """`vocab_loss` as one autograd node: forward computes the loss and its gradients chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ids, probs, weights, distillation, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, ids, probs, weights, distillation, tail, chunk_size):
         want = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if want[0] else None
         # The head's gradient is summed over chunks in float32, whatever the weights' dtype.
@@ -212,7 +254,7 @@ class _ChunkedVocabLoss(torch.autograd.Function):
                 logits = logits if fused else logits.float()
                 out = logits
             nll, distill, chunk_loss, grad_logits = _chunk(logits, targets[rows], ids[rows], probs[rows], weights,
-                                                           distillation, needs_grad, out, fused)
+                                                           distillation, tail, needs_grad, out, fused)
             nll_sum += nll
             distill_sum += distill
             loss += chunk_loss
@@ -247,12 +289,12 @@ class _ChunkedVocabLoss(torch.autograd.Function):
             grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _chunk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
-           weights: torch.Tensor, distillation: str | Callable, needs_grad: bool, out: torch.Tensor | None,
-           fused: bool = False):
+           weights: torch.Tensor, distillation: str | Callable, tail: bool, needs_grad: bool,
+           out: torch.Tensor | None, fused: bool = False):
     """One chunk of logits ``[n, V]``: ``(Σ nll, Σ distill, weighted loss, d loss / d logits or None)``.
 
     The logits are float32, or in the head's dtype when ``fused`` (the Triton kernel reads them as they
@@ -282,24 +324,43 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, probs
     # d/dz of a·NLL + b·CE(p‖q) = softmax(z)·(a + b·Σp) − a·onehot(gold) − b·p (at the candidate ids).
     # KL differs from CE by the teacher's entropy, which does not depend on z: the same gradient.
     scale = a + b * probs.sum(-1) if teacher else a
-    grad = None
+    tail = tail and teacher
+    lz = grad = None
+    if tail:
+        # The tail term −r·log(1 − Q), Q the student's mass on the distinct candidate ids, has the gradient
+        # −c·Q·softmax(z) + c·q at those ids, c = r / (1 − Q): its scale needs log Z before the gradient.
+        lz = kernels.row_log_z(logits) if fused else log_z(logits)
+        q = (z_ids - lz.unsqueeze(-1)).exp() * (pooled_probs(ids, probs) > 0)  # each candidate id once
+        inside = q.sum(-1).clamp(max=1 - _TAIL_MIN)
+        rest = tail_mass(probs)
+        coef = b * rest / (1 - inside)
+        scale = scale - coef * inside  # may be negative: the student's mass belongs in the tail
     if fused:
         grad, lz = kernels.scaled_softmax(logits, scale, out)
     else:
-        lz = log_z(logits)
-        if needs_grad:  # softmax(z)·s = exp(z − (log Z − log s)), one pass (rows with s = 0 get exp(−inf) = 0)
+        lz = log_z(logits) if lz is None else lz
+        if needs_grad and tail:  # a signed scale: exp, then multiply
+            grad = torch.sub(logits, lz.unsqueeze(-1), out=out).exp_().mul_(scale.unsqueeze(-1))
+        elif needs_grad:  # softmax(z)·s = exp(z − (log Z − log s)), one pass (rows with s = 0 get exp(−inf) = 0)
             grad = torch.sub(logits, (lz - scale.log()).unsqueeze(-1), out=out).exp_()
     nll = lz - z_gold
     logq = z_ids - lz.unsqueeze(-1)
     distill = -(probs * logq).sum(-1) if teacher else torch.zeros_like(nll)
+    if tail:
+        distill = distill - rest * torch.log1p(-inside)
     if teacher and distillation == "kl":
         pooled = pooled_probs(ids, probs)
         distill = distill + torch.where(pooled > 0, pooled * pooled.clamp(min=1e-30).log(), 0).sum(-1)
+        if tail:
+            distill = distill + torch.where(rest > 0, rest * rest.clamp(min=1e-30).log(), 0)
     elif distillation not in DISTILLATION:
         raise ValueError(f"unknown distillation loss {distillation!r}: use 'ce', 'kl' or a function")
     loss = (a * nll).sum() + (b * distill).sum()
     if grad is not None:
         grad.scatter_add_(-1, gold, -a.unsqueeze(-1).to(grad.dtype))
         if teacher:
-            grad.scatter_add_(-1, ids, -(b.unsqueeze(-1) * probs).to(grad.dtype))
+            at_ids = -(b.unsqueeze(-1) * probs)
+            if tail:
+                at_ids = at_ids + coef.unsqueeze(-1) * q
+            grad.scatter_add_(-1, ids, at_ids.to(grad.dtype))
     return (nll * mask).sum(), (distill * mask).sum(), loss, grad

@@ -248,6 +248,31 @@ def test_prefix_projects_candidates_onto_the_target_token_they_start_with_and_po
     assert probs[TARGET.index("Hel")] == pytest.approx(0.9) and probs[TARGET.index("The")] == pytest.approx(0.1)
 
 
+def test_prefix_credits_the_teachers_own_next_token_to_the_targets():
+    # target: <s> Hello _world </s>     teacher: <bos> Hel lo _world <eos>
+    # At target position 0 (gold "Hello") the teacher predicts "Hel" 0.5 (its own next token), "The" 0.3,
+    # "Hello" 0.2. Alone, "Hel" would be projected to the target's "Hel"; but it is what the text holds, and
+    # the target spells that text "Hello": the teacher's truth is the target's truth, so "Hello" gets 0.7.
+    target, teacher = ids(TARGET, "Hello", " world"), ids(TEACHER, "Hel", "lo", " world")
+    src, read = align_many([(target, teacher, True, len(b"Hello world"))], table(TARGET), table(TEACHER), "prefix",
+                           with_read=True)[0]
+    assert src[0] == 0 and read[0] == 0
+    first = np.array([TARGET.index(t) if t in TARGET else 0 for t in TEACHER])
+    topk_ids = np.zeros((len(teacher) - 1, 3), dtype=np.int64)
+    topk_ids[0] = [TEACHER.index("Hel"), TEACHER.index("The"), TEACHER.index("Hello")]
+    topk_lp = np.log(np.full((len(teacher) - 1, 3), 1 / 3, dtype=np.float32))
+    topk_lp[0] = np.log([0.5, 0.3, 0.2])
+    out_ids, out_lp, _ = aligned_distribution(src, topk_ids, topk_lp, first, target, read=read, teacher_tokens=teacher)
+    probs = {}
+    for token, p in zip(out_ids[0].tolist(), np.exp(out_lp[0]).tolist()):  # the pooled entry's twin has 0
+        probs[token] = probs.get(token, 0.0) + p
+    assert probs[TARGET.index("Hello")] == pytest.approx(0.7) and probs[TARGET.index("The")] == pytest.approx(0.3)
+    assert TARGET.index("Hel") not in out_ids[0]
+    # without the teacher's own tokens (a teacher that did not say what came next), the projection stands
+    out_ids, _, _ = aligned_distribution(src, topk_ids, topk_lp, first, target)
+    assert TARGET.index("Hel") in out_ids[0]
+
+
 @pytest.mark.parametrize("teacher", ["target", "gpt2-code", "neox-prose"])
 def test_first_map_is_a_target_token_spelling_a_prefix_of_the_teacher_token(zoo_tokenizers, teacher):
     """`VocabMap.first` (the prefix mode's projection): the target token spells the start of the teacher

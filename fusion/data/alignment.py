@@ -32,7 +32,18 @@ Four modes:
   candidates that start with those bytes and go on past them fit, each projected from its remaining
   bytes (`` return`` with `` re`` read -> ``turn``), the rest dropped; if none fits, the position
   falls back. (A candidate that ends within the read bytes would need the teacher's next prediction
-  too; it is dropped, which makes this the teacher's distribution given that its token goes on.)
+  too; it is dropped, which makes this the teacher's distribution given that its token goes on.) The
+  fitting candidates keep their own log-probs: renormalised (`fusion.tail: renormalise`) they become
+  the conditional distribution among the top-k; with `fusion.tail: bucket` the rest of the mass stays
+  in the tail, since the candidates that would fit beyond the top-k are unknown (scaling the few that
+  fit up to the top-k's mass was tried: where the teacher's own token is not among them, it turns
+  guesses of a few percent into confident wrong targets).
+  One exception to the projection: the candidate that *is* the teacher's own next token (what the text
+  holds) becomes the target's own next token, whatever the target would emit for its text alone. Both
+  spell the text from the same byte, so the teacher predicting its truth predicts the target's: a
+  teacher's ``)`` is the target's ``)``-and-newline token where the target merges the two, and so on
+  for runs of spaces and digits (the alignment learns from the tokens actually aligned, as the paper's
+  vocabulary map does).
   On the embedded default's validation chunks, 16-18 % of positions still fall back (mined: 48-61 %,
   offsets: 37-56 %; `bench/run.py alignment`);
 - ``mined`` (the paper's MinED): dynamic time warping over the two token strings with Levenshtein
@@ -321,7 +332,9 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
             ``teacher_tokens[src[i] + 1]``, are already in the text. Only candidates that start with
             those bytes and go on past them fit; each becomes the target token the target's tokenizer
             emits first for its remaining bytes, the others are dropped. ``continuations`` is
-            ``(cont_offsets, cont_first, cont_read)`` of `fusion.data.vocab.VocabMap`.
+            ``(cont_offsets, cont_first, cont_read)`` of `fusion.data.vocab.VocabMap`. With
+            ``teacher_tokens`` (``prefix`` mode), a candidate equal to the teacher's own next token is
+            mapped to the target's next token.
 
     Returns:
         ``(ids [T-1, k] int64, logprobs [T-1, k] float32, fallback [T-1] bool)``. Teacher candidates
@@ -353,6 +366,12 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
                 fits &= (cont_read[at] == cont_read[actual_at][:, None]) & (cont_first[at] >= 0)
                 ids[inside] = np.where(fits, cont_first[at], ids[inside])
             logprobs[inside] = np.where(fits, logprobs[inside], -np.inf)
+    gold = np.asarray(target_ids[1:], dtype=np.int64)
+    if teacher_tokens is not None:  # the teacher's own next token, where it is a candidate, is the target's
+        tokens = np.asarray(teacher_tokens, dtype=np.int64)
+        served = np.flatnonzero(~fallback & (src + 1 < len(tokens)))
+        truth = teacher_ids[served] == tokens[src[served] + 1][:, None]
+        ids[served] = np.where(truth, gold[served, None], ids[served])
     fallback |= np.isneginf(logprobs).all(axis=1)  # nothing left: a softmax over it would be NaN
     # Pool duplicates: entry j adds its probability to the first entry with the same id.
     first = (ids[:, :, None] == ids[:, None, :]).argmax(axis=2)  # [T-1, k]: index of the first equal id
@@ -361,7 +380,6 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
         np.add.at(probs, (np.arange(len(ids))[:, None].repeat(k, 1), first), np.exp(logprobs))
         with np.errstate(divide="ignore"):
             logprobs = np.log(probs)
-    gold = np.asarray(target_ids[1:], dtype=np.int64)
     ids[fallback] = gold[fallback, None]
     logprobs[fallback] = -np.inf
     logprobs[fallback, 0] = 0.0

@@ -147,7 +147,7 @@ def test_the_readme_loss_trains_with_alpha_from_the_recipe(fusellm_run, tmp_path
             "trainer.val_every_n_steps": 2, "wandb.mode": "disabled"})
         result = run_fit("--recipe", "fusellm.yaml", *overrides, pythonpath=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert f"SkewKL(alpha={alpha}): 0.9 x CLM + 0.1 x SkewKL.distillation_loss(" in result.stdout
+        assert f"SkewKL(alpha={alpha}): 0.7 x CLM + 0.3 x SkewKL.distillation_loss(" in result.stdout
         distill[alpha] = read_metrics(out / "metrics.jsonl")["train/distill_loss"][0]
         outputs[alpha] = out
     # alpha reached the loss: the same first batch, a smaller skew KL the more teacher is mixed into the student

@@ -327,16 +327,18 @@ def test_reverse_kl_example_subclass_is_nonnegative_and_zero_on_agreement():
     assert abs(distillation(m, batch).item()) < 1e-5
 
 
-def test_skew_kl_with_alpha_zero_is_the_forward_kl_and_alpha_bounds_it():
+@pytest.mark.parametrize("tail", ["renormalise", "bucket"])
+def test_skew_kl_with_alpha_zero_is_the_forward_kl_and_alpha_bounds_it(tail):
     batch = fused_batch(t=2)
-    kl = module(FuseLLMModule, clm_weight=0.5, loss="kl")
-    skew0 = module(SkewKLFuseLLM, clm_weight=0.5, extra={"alpha": 0.0}, loss="kl")
+    batch["teacher_logprobs"] = batch["teacher_logprobs"] - 0.5  # the top-k holds 61 % of the mass
+    kl = module(FuseLLMModule, clm_weight=0.5, loss="kl", tail=tail)
+    skew0 = module(SkewKLFuseLLM, clm_weight=0.5, extra={"alpha": 0.0}, loss="kl", tail=tail)
     loss, ref = skew0.training_loss(batch), kl.training_loss(batch)  # the autograd path vs the hand-written one
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(torch.autograd.grad(loss, list(skew0.model.parameters())),
                     torch.autograd.grad(ref, list(kl.model.parameters()))):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    values = [distillation(module(SkewKLFuseLLM, clm_weight=0.0, extra={"alpha": a}), batch).item()
+    values = [distillation(module(SkewKLFuseLLM, clm_weight=0.0, extra={"alpha": a}, tail=tail), batch).item()
               for a in (0.0, 0.1, 0.5, 0.9)]
     assert all(x > y > 0 for x, y in zip(values, values[1:]))  # more teacher in the mixture: closer to it
     assert values[-1] < -torch.log(torch.tensor(0.9)).item()  # KL(p ‖ 0.9 p + 0.1 q) <= -log 0.9

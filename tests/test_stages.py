@@ -70,7 +70,7 @@ def test_a_stage_reruns_when_its_settings_change_and_so_does_everything_that_rea
 def test_a_recipe_slice_holds_only_the_keys_asked_for():
     recipe = load_recipe("fusellm.yaml")
     sliced = recipe_slice(recipe, ("fusion.alignment", "teachers"))
-    assert sliced["fusion.alignment"] == "mined" and "fusion.function" not in sliced
+    assert sliced["fusion.alignment"] == "prefix" and "fusion.function" not in sliced
     assert any(k.startswith("teachers") for k in sliced) and not any(k.startswith("wandb") for k in sliced)
 
 
@@ -80,7 +80,8 @@ def test_the_plan_lists_every_stage_with_its_key_and_state(tmp_path):
     for i, stage in enumerate(("representations", "alignment", "baseline", "train", "export", "evaluate"), 1):
         assert f"  {i}. {stage}" in text
     assert text.count(" todo ") == 6
-    assert "FuseLLMModule(): 0.9 x CLM + 0.1 x CE(MinCE-fused teachers at sequence level)" in text
+    assert ("FuseLLMModule(): 0.7 x CLM + 0.3 x CE(MinCE-fused teachers at token level, the rest of the vocabulary "
+            "as one outcome)") in text
 
 
 class Seeds(Method):

@@ -4,15 +4,18 @@
 
 with λ = ``fusion.clm_weight`` (the paper: 0.9), the teachers fused by MinCE or AvgCE at sequence or
 token level, and D a cross-entropy (the paper) or KL divergence over the teachers' sparse top-k
-candidates. Everything stays sparse and chunked: the student's log-probs are gathered at the
-candidate ids, one chunk of positions at a time (`fusion.modules.losses.vocab_loss`).
+candidates: renormalised over them (the paper), or at their own probabilities with the rest of the
+vocabulary as one more outcome (``fusion.tail: bucket``). Everything stays sparse and chunked: the
+student's log-probs are gathered at the candidate ids, one chunk of positions at a time
+(`fusion.modules.losses.vocab_loss`).
 
 To add a loss or a fusion function, subclass and override a hook, then name the class in a recipe
 (``module_class: mypackage.MyModule``, its own constructor arguments in ``module_args``):
 
 - `distillation_loss(logits, ids, probs)` → ``[n]``: D at each position of a chunk, from float32
-  logits ``[n, V]`` and the fused candidates ``[n, K]``; the building blocks of `fusion.modules.losses`
-  (`log_z`, `candidate_logprobs`, `pooled_probs`) make it a few lines, and autograd gives its gradient;
+  logits ``[n, V]`` and the fused candidates ``[n, K]`` (with ``tail: bucket`` their probabilities sum to
+  less than one; `tail_mass` is the rest); the building blocks of `fusion.modules.losses` (`log_z`,
+  `candidate_logprobs`, `pooled_probs`, `tail_mass`) make it a few lines, and autograd gives its gradient;
 - `fuse(batch)` → ``(ids, probs)``: the fused distribution, ``[B, L, K]`` each.
 
 `fusion.modules.skew_kl.SkewKLFuseLLM` and `fusion.modules.reverse_kl.ReverseKLFuseLLM` are worked examples.

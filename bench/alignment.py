@@ -17,11 +17,17 @@ Figures (throughputs in target tokens per second, counted as the target sequence
   the same with one chunk per ``align_many`` call;
 - ``align_fallback`` (with ``mode``, ``teacher`` and ``domain``: ``code``, ``prose`` or ``all``): the
   fraction of target positions that train on a one-hot on the gold token instead of the teacher's
-  distribution, exactly as `fusion.data.fused` decides it from the teacher model's own top-10: no
+  distribution, exactly as `fusion.data.fused` decides it from the teacher model's own top-k (the
+  embedded default's ``representations.top_k``, from ``recipes/fusellm.yaml``): no
   aligned teacher prediction, or every candidate dropped (``exact``: no exact vocabulary match;
   ``prefix`` inside a teacher token: no candidate fits the text). On ``FALLBACK_CHUNKS`` validation
   chunks of 256 target tokens per domain, the embedded default's (a chunk a teacher spells in more
   than the 512 positions the zoo's models read is left out, and ``chunks`` says how many count);
+- ``align_gold_logprob`` (same keys): what those served positions teach: the mean over them of
+  log max(p(gold), 1e-4), p the aligned candidates' own probability of the target's next token (0 when it
+  is not among them), beside ``initial_target`` and ``oracle``, the same for those two models' own top-k
+  at the same positions (the target's tokenizer: no alignment). A source that scores below the initial
+  target there teaches the target less about its next token than it already knows;
 - ``align_prefix_inside``: the fraction of target positions that ``prefix`` serves from inside a
   teacher token (the 2,048-token chunks);
 - ``align_mined_pairs_agreement``: on the baseline's chunks, the one-to-one DTW pairs of our banded DTW
@@ -54,6 +60,7 @@ from fusion.data.chunks import make_chunks, sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
 from fusion.data.vocab import build_vocab_map
+from fusion.recipe import load_recipe
 from fusion.reference import dtw_path, one_to_one
 from fusion.zoo import resolve_model
 
@@ -64,7 +71,8 @@ DOCUMENTS = 160  # shuffled train documents chunked (~1.5 MB of text: a few hund
 TEACHERS = ("gpt2-code", "neox-prose")
 MODES = ("prefix", "mined", "exact", "offsets")
 DOMAINS = ("code", "prose")
-FALLBACK_CHUNKS, FALLBACK_BLOCK, TOP_K = 48, 256, 10  # per domain; the embedded default's chunk size
+FALLBACK_CHUNKS, FALLBACK_BLOCK = 48, 256  # per domain; the embedded default's chunk size
+TOP_K = load_recipe("fusellm.yaml").representations.top_k
 REPEATS = 3
 BASELINE_TEACHER = "gpt2-code"
 BASELINE_CHUNKS = 2
@@ -181,10 +189,15 @@ def run() -> list[dict]:
     for name, share in inside.items():
         figures.append(_figure("align_prefix_inside", round(share, 4), "fraction of target positions",
                                teacher=name, chunks=CHUNKS))
-    for (mode, name, domain), (rate, chunks, positions) in _fallback_rates(target_tok, tt).items():
+    rates, gold = _fallback_rates(target_tok, tt)
+    for (mode, name, domain), (rate, chunks, positions) in rates.items():
         figures.append(_figure("align_fallback", round(rate, 4), "fraction of target positions", mode=mode,
                                teacher=name, domain=domain, chunks=chunks, positions=positions,
                                block_size=FALLBACK_BLOCK, top_k=TOP_K))
+    for (mode, name, domain), (teacher, initial, oracle) in gold.items():
+        figures.append(_figure("align_gold_logprob", round(teacher, 3), "mean log p(gold), floored at 1e-4",
+                               mode=mode, teacher=name, domain=domain, initial_target=round(initial, 3),
+                               oracle=round(oracle, 3), top_k=TOP_K))
     return figures
 
 
@@ -199,42 +212,68 @@ def _top_k(model, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def _fallback_rates(target_tok, tt: TokenTable) -> dict[tuple[str, str, str], tuple[float, int, int]]:
+def _gold_probability(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """Per position, the probability a top-k distribution gives the gold token (0 if not a candidate)."""
+    return np.where(ids == gold[:, None], np.exp(logprobs), 0.0).sum(axis=1)
+
+
+def _reference_gold(path: str, chunks: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """A model with the target's tokenizer: its own top-k's probability of each gold token, per chunk."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return {d: [_gold_probability(*top, seq[1:]) for top, seq in zip(_top_k(model, seqs), seqs)]
+            for d, seqs in chunks.items()}
+
+
+def _fallback_rates(target_tok, tt: TokenTable) -> tuple[dict, dict]:
     """Per (mode, teacher, domain): the share of target positions that train on the gold one-hot, as
     `fusion.data.fused` builds them from the teacher model's own top-k (``prefix`` positions inside a
-    teacher token where no candidate fits count): ``FALLBACK_CHUNKS`` validation chunks of each domain."""
+    teacher token where no candidate fits count): ``FALLBACK_CHUNKS`` validation chunks of each domain.
+    And the quality of what the served positions get: the mean of log max(p(gold), 1e-4) over them, p the
+    aligned candidates' own probabilities (as ``fusion.tail: bucket`` trains them), beside the same for
+    the initial target's and the oracle's own top-k at those positions (no alignment: the target's tokens)."""
     chunks = {d: _chunks(target_tok, d, FALLBACK_CHUNKS, split="validation", block=FALLBACK_BLOCK) for d in DOMAINS}
-    rates = {}
+    target_chunks = {d: [np.array(s) for s in sequence_ids(target_tok, [c[0] for c in pieces], [c[1] for c in pieces])]
+                     for d, pieces in chunks.items()}
+    references = {name: _reference_gold(resolve_model(f"zoo:{name}", "full", None), target_chunks)
+                  for name in ("target", "oracle")}
+    rates, gold = {}, {}
     for name in TEACHERS:
         path = resolve_model(f"zoo:{name}", "full", None)
         teacher_tok, model = load_tokenizer(path), AutoModelForCausalLM.from_pretrained(path).eval()
         ut = TokenTable.of(teacher_tok)
         vmap = build_vocab_map(teacher_tok, target_tok)
         fell = {mode: {d: [] for d in DOMAINS} for mode in MODES}
+        logp = {mode: {d: [] for d in DOMAINS} for mode in MODES}  # rows: (teacher, initial target, oracle)
         for domain, pieces in chunks.items():
             texts, ends = [c[0] for c in pieces], [c[1] for c in pieces]
-            sequences = [seq for seq in zip(map(np.array, sequence_ids(target_tok, texts, ends)),
-                                            map(np.array, sequence_ids(teacher_tok, texts, ends)), ends,
-                                            [len(t.encode()) for t in texts])
-                         if len(seq[1]) <= model.config.max_position_embeddings]
+            teacher_seqs = map(np.array, sequence_ids(teacher_tok, texts, ends))
+            sequences, kept = [], []
+            for i, seq in enumerate(zip(target_chunks[domain], teacher_seqs, ends, [len(t.encode()) for t in texts])):
+                if len(seq[1]) <= model.config.max_position_embeddings:
+                    sequences.append(seq)
+                    kept.append(i)
             tops = _top_k(model, [u for _, u, _, _ in sequences])
             for mode in MODES:
                 prefix = mode == "prefix"
                 aligned = align_many(sequences, tt, ut, mode, vmap.ids, with_read=prefix)
-                for (target, teacher, _, _), (ids, logprobs), item in zip(sequences, tops, aligned):
+                for (target, teacher, _, _), (ids, logprobs), item, i in zip(sequences, tops, aligned, kept):
                     src, extra = item, {}
                     if prefix:
                         src, read = item
                         extra = {"read": read, "teacher_tokens": teacher,
                                  "continuations": (vmap.cont_offsets, vmap.cont_first, vmap.cont_read)}
-                    _, _, fallback = aligned_distribution(src, ids, logprobs, vmap.first if prefix else vmap.ids,
-                                                          target, keep=vmap.exact if mode == "exact" else None,
-                                                          **extra)
+                    a_ids, a_logprobs, fallback = aligned_distribution(
+                        src, ids, logprobs, vmap.first if prefix else vmap.ids, target,
+                        keep=vmap.exact if mode == "exact" else None, **extra)
                     fell[mode][domain].append(fallback)
+                    served = ~fallback
+                    p = [_gold_probability(a_ids, a_logprobs, target[1:])[served],
+                         references["target"][domain][i][served], references["oracle"][domain][i][served]]
+                    logp[mode][domain].append(np.log(np.maximum(np.stack(p), 1e-4)))
         for mode, by_domain in fell.items():
-            for domain, parts in by_domain.items():
+            for domain, parts in [*by_domain.items(), ("all", sum(by_domain.values(), []))]:
                 joined = np.concatenate(parts)
                 rates[(mode, name, domain)] = (float(joined.mean()), len(parts), len(joined))
-            joined = np.concatenate(sum(by_domain.values(), []))
-            rates[(mode, name, "all")] = (float(joined.mean()), sum(len(p) for p in by_domain.values()), len(joined))
-    return rates
+                values = np.concatenate(logp[mode][domain] if domain != "all" else sum(logp[mode].values(), []), axis=1)
+                gold[(mode, name, domain)] = values.mean(axis=1).tolist()
+    return rates, gold

@@ -208,7 +208,10 @@ def _build_once(final: Path, marker: str, build) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
-            tmp.chmod(0o755)  # mkdtemp made it private; a shared cache should be readable by all
+            # A shared cache is readable by all: mkdtemp made the folder private, and safetensors writes
+            # the weights 0600.
+            for path in [tmp, *tmp.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
             if final.exists():  # an incomplete folder from elsewhere: no marker in it
                 shutil.rmtree(final)
             os.replace(tmp, final)

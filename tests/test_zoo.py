@@ -53,6 +53,12 @@ def test_manifest_describes_three_models_with_different_vocabularies(zoo, manife
     assert neox["config_vocab_size"] > neox["vocab_size"] and neox["config_vocab_size"] % 64 == 0
 
 
+def test_the_built_zoo_is_readable_by_every_user(zoo):
+    # a shared cache: safetensors writes weights 0600, which other users (and containers) could not read
+    for path in [zoo, *zoo.rglob("*")]:
+        assert path.stat().st_mode & 0o004, path
+
+
 @pytest.mark.parametrize("name", ZOO_CORE)
 def test_each_folder_loads_with_the_auto_classes(zoo, manifest, name):
     tokenizer, model = load(zoo, name)

@@ -1,8 +1,12 @@
 """Shared fixtures: the small tiny zoo and a data cache, built once per test session."""
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,20 @@ def run_fit(*args: str, timeout: int = 300, pythonpath: Path | None = None) -> s
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "fusion.fit", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_build_waits_for_the_lock(build, final: Path, built: Path, marker: str) -> None:
+    """``build()`` blocks while another process holds ``final``'s build lock, then returns the folder that
+    process put in place (a copy of ``built``) untouched: the marker file is not rewritten."""
+    result = {}
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # we are "another process" building it
+        worker = threading.Thread(target=lambda: result.update(path=build()))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and "path" not in result  # waiting for us
+        shutil.copytree(built, final)  # "our" build is done
+        mtime = (final / marker).stat().st_mtime_ns
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    worker.join(timeout=10)
+    assert result["path"] == final and (final / marker).stat().st_mtime_ns == mtime

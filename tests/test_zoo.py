@@ -1,17 +1,15 @@
 """The embedded tiny zoo: standard HF folders, three tokenizer families, sources that know their domain,
 idempotent, locked and deterministic builds, `zoo:` references."""
 
-import fcntl
 import json
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_build_waits_for_the_lock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.errors import FusionError
@@ -144,19 +142,8 @@ def test_second_build_returns_at_once(zoo):
 
 
 def test_a_build_waits_for_the_lock_and_reuses_what_the_holder_built(zoo, tmp_path):
-    final = zoo_root("small", tmp_path)
-    result = {}
-    with open(tmp_path / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # we are "another process" building the zoo
-        worker = threading.Thread(target=lambda: result.update(path=build_zoo("small", tmp_path, False)))
-        worker.start()
-        time.sleep(0.5)
-        assert worker.is_alive() and "path" not in result  # waiting for us
-        shutil.copytree(zoo, final)  # "our" build is done
-        mtime = (final / "zoo.json").stat().st_mtime_ns
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    worker.join(timeout=10)
-    assert result["path"] == final and (final / "zoo.json").stat().st_mtime_ns == mtime
+    assert_build_waits_for_the_lock(lambda: build_zoo("small", tmp_path, False), zoo_root("small", tmp_path), zoo,
+                                    "zoo.json")
 
 
 def test_rebuild_is_bitwise_identical_and_cleans_up_a_killed_build(zoo, manifest, tmp_path):

@@ -1,17 +1,16 @@
 """`zoo:oracle`: the target's tokenizer byte for byte and better than the target on both domains; built on
 first use only, into the zoo folder, once, under a lock, deterministically."""
 
-import fcntl
 import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_build_waits_for_the_lock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.errors import FusionError
@@ -93,18 +92,7 @@ def test_a_second_resolve_reuses_it(zoo, oracle):
 
 def test_a_build_waits_for_the_lock_and_reuses_what_the_holder_built(zoo_dir, oracle, tmp_path):
     final = copy_core(zoo_dir, tmp_path) / "oracle"
-    result = {}
-    with open(final.parent / "oracle.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # we are "another process" building the oracle
-        worker = threading.Thread(target=lambda: result.update(path=build_oracle("small", tmp_path, False)))
-        worker.start()
-        time.sleep(0.5)
-        assert worker.is_alive() and "path" not in result  # waiting for us
-        shutil.copytree(oracle, final)  # "our" build is done
-        mtime = (final / ORACLE_JSON).stat().st_mtime_ns
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    worker.join(timeout=10)
-    assert result["path"] == final and (final / ORACLE_JSON).stat().st_mtime_ns == mtime
+    assert_build_waits_for_the_lock(lambda: build_oracle("small", tmp_path, False), final, oracle, ORACLE_JSON)
 
 
 def test_rebuild_is_bitwise_identical_and_cleans_up_a_killed_build(zoo_dir, oracle, tmp_path):

@@ -2,7 +2,7 @@
 
 Tokenizers are the full tiny zoo's (`fusion.zoo`, built or reused in ``~/.cache/fusion/zoo``): the
 target (SentencePiece-style BPE, 1,024 tokens) against both teachers, ``gpt2-code`` (byte-level BPE,
-2,048) and ``neox-prose`` (SentencePiece-style Unigram, 1,500). The chunks are `make_chunks` of a fixed
+2,048) and ``neox-prose`` (SentencePiece-style Unigram, 1,500). The chunks are the pieces of `make_rows` of a fixed
 shuffle of the embedded corpus's train documents of each domain at ``block_size=2048``; ``CHUNKS / 2``
 nearly full ones (at least ``FULL`` target tokens) per domain, spread over the documents, are aligned
 with each teacher in one ``align_many`` call, as `fusion.data.align_shards` does (64 chunks per call),
@@ -56,7 +56,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, aligned_distribution, byte_spans
-from fusion.data.chunks import make_chunks, sequence_ids
+from fusion.data.chunks import make_rows, sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
 from fusion.data.vocab import build_vocab_map
@@ -83,7 +83,8 @@ def _chunks(target_tok, domain: str, count: int, split: str = "train", block: in
     docs = embedded_corpus(split, (domain,))
     order = list(range(len(docs)))
     random.Random(0).shuffle(order)
-    chunks = make_chunks([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=block)
+    rows = make_rows([docs[i]["text"] for i in order[:DOCUMENTS]], target_tok, block_size=block)
+    chunks = [(text, ends) for row in rows for text, _, ends in row]
     lengths = [len(s) for s in sequence_ids(target_tok, [c[0] for c in chunks], [c[1] for c in chunks])]
     full = [c for c, n in zip(chunks, lengths) if n >= block * FULL // BLOCK]
     if len(full) < count:

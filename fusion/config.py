@@ -111,7 +111,7 @@ class RepresentationsConfig:
     dir: str | None = None
     """Where shards are kept, shared by all runs; default `$FUSION_CACHE/representations` or `~/.cache/fusion/...`."""
     max_chunks: int | None = None
-    """Use only the first N training chunks (a slice of a big corpus); None = all."""
+    """Use only the first N training chunks (a slice of a big corpus; the rows wholly within them); None = all."""
 
 
 @dataclass

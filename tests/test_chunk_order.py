@@ -1,51 +1,71 @@
-"""The chunk set's numbering: the chunks a run uses (the first ``max_chunks`` ids) sample the whole corpus.
+"""The chunk set's rows: laid out as clm.yaml's packed blocks, and the rows a run uses sample the whole corpus.
 
 Teachers are run on the first ``representations.max_chunks`` ids and the loader shuffles within windows of
 consecutive shards, so ids in corpus order trained on a few whole documents: CLM on the embedded default's
-chunks ended ~6 % worse in held-out perplexity than on clm.yaml's uniformly drawn blocks.
+chunks ended ~6 % worse in held-out perplexity than on clm.yaml's uniformly drawn blocks. One chunk per
+sequence, each with a start token, still cost +2.0 ± 0.4 % (`fusion.data.chunks`).
 """
 
+import datasets
 import numpy as np
 from conftest import fusellm_overrides
 
-from fusion.data.chunks import make_chunks
+from fusion.data.chunks import make_rows, row_ids, sequence_ids, usable_rows
 from fusion.data.fused import epoch_order
 from fusion.data.prepare import prepare_chunks
-from fusion.data.text import document_splits, load_tokenizer
+from fusion.data.text import document_splits, load_tokenizer, pack
 from fusion.recipe import load_recipe
 from fusion.zoo import resolve_model
 
 USED = 96  # conftest's representations.max_chunks
 
 
-def test_the_used_chunks_are_a_uniform_sample_of_the_corpus(zoo_dir, cache_dir, tmp_path):
+def test_rows_are_packed_like_clm_blocks_and_the_used_ones_sample_the_corpus(zoo_dir, cache_dir, tmp_path):
     recipe = load_recipe("fusellm.yaml", fusellm_overrides(tmp_path / "run", zoo_dir, cache_dir))
     tok = load_tokenizer(resolve_model("zoo:target", "small", zoo_dir))
+    block = recipe.data.block_size
     _, chunks, info = prepare_chunks(recipe, tok)
     assert chunks["id"] == list(range(info["chunks"]))
+    numbers = np.array(chunks["row"])
+    assert (np.diff(numbers) >= 0).all() and numbers[-1] == info["rows"] - 1  # a row's chunks have consecutive ids
 
-    # The same chunks as cutting the shuffled documents in order (map batches of 1,000 documents), renumbered.
+    # The same rows as packing the shuffled documents in order (map batches of 1,000 documents), renumbered.
     train, _ = document_splits(recipe.data, recipe.seed)
     texts = train.shuffle(seed=recipe.seed)["text"]
-    in_order = [c for i in range(0, len(texts), 1000) for c in make_chunks(texts[i:i + 1000], tok,
-                                                                            recipe.data.block_size)]
-    stored = list(zip(chunks["text"], chunks["ends_document"]))
+    in_order = [tuple(row) for i in range(0, len(texts), 1000) for row in make_rows(texts[i:i + 1000], tok, block)]
+    pieces = list(zip(chunks["text"], chunks["starts_document"], chunks["ends_document"]))
+    stored = [tuple(pieces[i] for i in np.flatnonzero(numbers == r)) for r in range(info["rows"])]
     assert sorted(stored) == sorted(in_order) and stored != in_order
-    document = np.cumsum([0] + [ends for _, ends in in_order[:-1]])  # a document (group) per chunk in order
-    where = {c: i for i, c in enumerate(in_order)}
-    position = np.array([where[c] for c in stored])
+    position = np.array([{row: i for i, row in enumerate(in_order)}[row] for row in stored])
 
-    # Chunks cut mid-document fill the block but for the start token, the EOS room and a margin of 2 tokens for
-    # re-tokenization at the cut (`_MARGIN`); 8 left them 6 % short of clm's full blocks, which cost perplexity.
-    lengths = np.array([len(ids) for ids in chunks["input_ids"]])
-    inner = ~np.array(chunks["ends_document"])
-    assert lengths.max() <= recipe.data.block_size
-    assert np.median(lengths[inner]) >= recipe.data.block_size - 3
+    # Every row fills the block, as clm's packed blocks do, but for the documents' last rows and the ends of rows
+    # where a document would start with fewer than 8 tokens; the stored sequences are the alignment's layout.
+    lengths = np.array([len(row_ids(tok, row)) for row in stored])
+    assert lengths.max() <= block and np.median(lengths) == block and lengths.mean() > block - 4
+    assert [len(ids) for ids in chunks["input_ids"][:20]] == [
+        len(s) for s in sequence_ids(tok, chunks["text"][:20], chunks["ends_document"][:20])]
 
-    # The used chunks come from all over the corpus, and from many more documents than the first ids in order.
-    used = position[:USED]
+    # The used rows come from all over the corpus; so does every window the loader shuffles within: here one
+    # window of 4 shards of 16 chunks each.
+    rows = usable_rows(chunks, USED)
+    used = position[numbers[rows[:, 0]]]
+    assert rows[-1].sum() <= USED and len(rows) >= USED * 0.8
     assert used.max() - used.min() > 0.8 * len(in_order)
-    assert len(set(document[used])) > 3 * len(set(document[:USED]))
-    # So does every window the loader shuffles within: here one window of 4 shards of 16 chunks each.
-    window = epoch_order(np.arange(USED), 16, recipe.seed, 0)[:64]
-    assert position[window].max() - position[window].min() > 0.8 * len(in_order)
+    window = epoch_order(rows[:, 0], 16, recipe.seed, 0)[:48]
+    assert position[numbers[window]].max() - position[numbers[window]].min() > 0.8 * len(in_order)
+
+
+def test_whole_documents_in_a_row_are_exactly_clms_packing(zoo_dir):
+    tok = load_tokenizer(resolve_model("zoo:target", "small", zoo_dir))
+    docs = ["short one", "another short document", "def f(x):\n    return x\n" * 40]
+    rows = make_rows(docs, tok, block_size=64)
+    first = row_ids(tok, rows[0])
+    documents = datasets.Dataset.from_dict({"text": docs})
+    stream = pack(documents, tok, "text", 64)[0]["input_ids"]  # clm.yaml's first block of the same documents
+    assert rows[0][:2] == [("short one", True, True), ("another short document", True, True)]
+    assert first == stream  # BOS text EOS BOS text EOS BOS text... : the same tokens, the same 64
+    assert rows[1][0][1] is False and row_ids(tok, rows[1])[0] != tok.bos_token_id  # goes on without a start token
+    assert all(len(row_ids(tok, row)) <= 64 for row in rows)
+    assert "".join(p[0] for row in rows for p in row) == "".join(docs)
+    assert make_rows(docs, tok, block_size=64) == rows  # deterministic
+

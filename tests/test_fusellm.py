@@ -4,14 +4,22 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, fusellm_overrides, run_fit
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from fusion.data.chunks import load_chunk_set, row_ids, usable_rows
+from fusion.data.fused import FusedBatches
+from fusion.data.prepare import align_teachers
+from fusion.data.text import load_tokenizer
 from fusion.loggers import read_metrics
+from fusion.recipe import load_recipe
+from fusion.zoo import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +50,47 @@ def test_fusellm_runs_every_stage_and_reports(fusellm_run):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "llama"
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_training_rows_are_clms_layout_with_each_chunks_teacher_predictions(fusellm_run):
+    out, overrides, _ = fusellm_run
+    recipe = load_recipe("fusellm.yaml", overrides)
+    reps = json.loads((out / "stages" / "representations.json").read_text())["result"]
+    folder = Path(reps["chunks"])
+    teachers, _ = align_teachers(recipe, "prefix", folder, reps["chunk_info"])  # the run's alignments, reused
+    tok = load_tokenizer(resolve_model("zoo:target", "small", recipe.zoo.dir))
+    chunks, _ = load_chunk_set(folder)
+    rows = usable_rows(chunks, reps["used_chunks"])
+    starts = np.array(chunks["starts_document"][:reps["used_chunks"]])
+    joined = rows[rows[:, 1] > 1][:2]  # documents joined in a row
+    alone = rows[(rows[:, 1] == 1) & ~starts[rows[:, 0]]][:2]  # a row of one piece, mid-document
+    assert len(joined) >= 1 and len(alone) == 2
+    dataset = FusedBatches(folder, teachers, rows, 4, recipe.seed, 0, 1, False, tok.pad_token_id)
+    picked = np.concatenate([joined, alone])
+    batch = dataset.collate(picked[:, 0])
+    bos = tok.bos_token_id
+    for n, (first, size) in enumerate(picked.tolist()):
+        pieces = [(chunks[c]["text"], chunks[c]["starts_document"], chunks[c]["ends_document"])
+                  for c in range(first, first + size)]
+        ids = row_ids(tok, pieces)  # BOS text EOS BOS text ..., no BOS where the row begins mid-document
+        assert batch["input_ids"][n, :len(ids)].tolist() == ids and (batch["labels"][n, len(ids):] == -100).all()
+        assert (ids[0] == bos) == pieces[0][1]
+        # Each chunk's positions get its teachers' predictions; an EOS before a document's BOS gets the gold one-hot.
+        seams = [i - 1 for i in range(1, len(ids)) if ids[i] == bos]
+        assert len(seams) == sum(p[1] for p in pieces[1:]) and (len(seams) > 0) == (size > 1)
+        fallback = batch["teacher_fallback"][n, 0, :len(ids) - 1]  # teacher 0 is the target: the identity
+        assert fallback.nonzero().flatten().tolist() == seams
+        assert (batch["teacher_ids"][n, :, seams, 0] == bos).all()
+        assert (batch["teacher_logprobs"][n, :, seams, 0] == 0).all()
+        # The target aligned with itself: each position holds its chunk's stored top-k at the same text position.
+        expected = []
+        for p, chunk_id in enumerate(range(first, first + size)):
+            shard, i = divmod(chunk_id, teachers[0].store.chunks_per_shard)
+            stored = torch.from_numpy(teachers[0].store.read_shard(shard).chunk(i)["topk_ids"].astype(np.int64))
+            expected += [None] * (p > 0) + list(stored[0 if pieces[p][1] else 1:])
+        for i, top in enumerate(expected):
+            if top is not None:
+                assert batch["teacher_ids"][n, 0, i].tolist() == top.tolist(), (n, i)
 
 
 def test_a_new_teacher_is_the_only_one_computed(fusellm_run, tmp_path, zoo_dir, cache_dir):
@@ -112,7 +161,7 @@ run(load_recipe("fusellm.yaml", sys.argv[2:]), extra_callbacks=[Record()])
 
 
 @pytest.mark.slow
-def test_two_process_ddp_sees_every_chunk_exactly_once_per_epoch(fusellm_run, tmp_path, zoo_dir, cache_dir):
+def test_two_process_ddp_sees_every_row_once_per_epoch(fusellm_run, tmp_path, zoo_dir, cache_dir):
     script = tmp_path / "record.py"  # Lightning's DDP launcher re-runs this file for rank 1
     script.write_text(textwrap.dedent(_RECORD_CHUNKS))
     out = tmp_path / "ddp"
@@ -125,8 +174,11 @@ def test_two_process_ddp_sees_every_chunk_exactly_once_per_epoch(fusellm_run, tm
     assert result.returncode == 0, result.stderr[-3000:]
     seen = {rank: [c for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()
                    for c in json.loads(line)] for rank in (0, 1)}
-    assert len(seen[0]) == len(seen[1]) == 96 // 2  # 96 chunks, batches of 4 per rank: 12 steps each
-    assert sorted(seen[0] + seen[1]) == list(range(96))  # every chunk once, none twice
+    reps = json.loads((out / "stages" / "representations.json").read_text())["result"]
+    rows = usable_rows(load_chunk_set(Path(reps["chunks"]))[0], reps["used_chunks"])[:, 0].tolist()
+    steps = len(rows) // 8  # global batches of 2 ranks x 4 rows; the rest of the epoch's order is dropped
+    assert len(seen[0]) == len(seen[1]) == 4 * steps and len(rows) - 8 < 8 * steps
+    assert len(set(seen[0] + seen[1])) == 8 * steps and set(seen[0] + seen[1]) <= set(rows)  # each row once at most
     assert (out / "model" / "model.safetensors").exists()
 
 

@@ -21,7 +21,7 @@ import fusion.data.cache as cache
 import fusion.data.representations as representations
 from fusion.config import Recipe
 from fusion.data.cache import file_sha256
-from fusion.data.chunks import make_chunks, sequence_ids
+from fusion.data.chunks import sequence_ids
 from fusion.data.prepare import open_teacher_store, prepare_chunks
 from fusion.data.representations import (
     ShardWriter,
@@ -74,19 +74,6 @@ def run_extraction(recipe: Recipe, teacher_index: int = 0):
     manifest = extract(teacher, path, path, chunks, store, build_predict_trainer(recipe, [ShardWriter(store)]),
                        recipe.representations.batch_size, shards=list(range(4)))
     return store, manifest, chunks
-
-
-def test_chunks_cover_the_text_within_the_block(zoo_dir):
-    tok = load_tokenizer(resolve_model("zoo:target", "small", zoo_dir))
-    docs = ["def f(x):\n    return x\n" * 40, "short one", "another short document", "é" * 300]
-    chunks = make_chunks(docs, tok, block_size=64)
-    seqs = sequence_ids(tok, [c[0] for c in chunks], [c[1] for c in chunks])
-    assert all(len(s) <= 64 for s in seqs)
-    assert len(chunks) > 10 and chunks[-1][1] and not chunks[0][1]
-    # Pieces of a document follow each other; whole documents are joined by a blank line after a document's end.
-    assert "".join(c[0] for c in chunks).replace("\n\n", "") == "".join(docs)
-    assert ("short one\n\nanother short document", True) in chunks  # two short documents in one chunk
-    assert make_chunks(docs, tok, block_size=64) == chunks  # deterministic
 
 
 def test_shards_are_written_and_read_back(zoo_dir, store_dir):

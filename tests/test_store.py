@@ -121,7 +121,8 @@ def test_loader_workers_inherit_the_checks_instead_of_hashing_every_shard_again(
     store = make_store(tmp_path / "teacher", 1000)
     write_all(store, 1000)
     new_process(hashed)
-    dataset = FusedBatches(tmp_path, [SimpleNamespace(store=store)], np.arange(store.n_chunks), batch_size=1,
+    rows = np.stack([np.arange(store.n_chunks), np.ones(store.n_chunks, dtype=np.int64)], axis=1)  # a chunk each
+    dataset = FusedBatches(tmp_path, [SimpleNamespace(store=store)], rows, batch_size=1,
                            seed=0, rank=0, world_size=1, keep_exact_only=False, pad_id=0)
     dataset.verify()  # what FusedLoader does in the main process before its workers start
     assert sorted(hashed) == [store.shard_file(0), store.shard_file(1)]

@@ -1,8 +1,11 @@
 """`FusionDataModule`: target tokens with every teacher's aligned, sparse next-token distribution.
 
-Training batches come from an `IterableDataset` over the chunks (`fusion.data.chunks`) that reads
-the teachers' shards (`fusion.data.store`) and alignments (`fusion.data.align_shards`) and yields
-whole collated batches:
+Training batches come from an `IterableDataset` over the rows of the chunk set (`fusion.data.chunks`)
+that reads the teachers' shards (`fusion.data.store`) and alignments (`fusion.data.align_shards`) and
+yields whole collated batches. A row is its chunks' target sequences one after another, each without its
+start token where the chunk does not start a document: clm.yaml's packed layout. Each chunk's positions
+get its teachers' aligned predictions; the position before a chunk that starts a document (an EOS
+predicting the next BOS) gets the gold one-hot, as a fallback.
 
     input_ids        [B, L]        target tokens (padded with the pad id)
     attention_mask   [B, L]
@@ -10,21 +13,22 @@ whole collated batches:
     teacher_ids      [B, T, L, k]  teacher t's candidates for the token after position l, in target ids
     teacher_logprobs [B, T, L, k]  their log-probs (-inf for dropped / pooled entries; a one-hot 0 where
                                    the alignment fell back to the gold token)
-    teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the chunk
-    teacher_ce_per_target_token [B, T]  its summed CE over the chunk / the chunk's target predictions
+    teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the row's chunks
+    teacher_ce_per_target_token [B, T]  its summed CE over the row's chunks / the row's target predictions
                                    (comparable across tokenizers: a fine tokenizer's own-token CE is lower)
     teacher_token_ce [B, T, L]     its CE at the aligned position (the chunk mean where it fell back)
     teacher_fallback [B, T, L]     bool: no aligned teacher prediction at l
+    chunk_ids        [B]           the first chunk id of each row
 
 T is the number of teachers, k their top-k: nothing is ever `[B, L, V]`.
 
-Order: an epoch is a seeded two-level shuffle (shards in random order, chunks shuffled within
+Order: an epoch is a seeded two-level shuffle (shards in random order, rows shuffled within
 windows of a few shards, so a worker reads each shard once), cut into global batches of
 ``batch_size * world_size``; rank r takes its slice of every global batch, and DataLoader worker w
 the batches ``b`` with ``(b - start) % workers == w`` (PyTorch returns worker results round-robin,
 so the stream is in batch order). The position (epoch, batches consumed) is saved in checkpoints:
-a resumed run continues at the next batch, no sample seen twice, none skipped. Chunks on which
-any teacher produced NaN/inf are left out.
+a resumed run continues at the next batch, no sample seen twice, none skipped. Rows holding a chunk
+on which any teacher produced NaN/inf are left out.
 
 Memory: shards are memory-mapped and only the rows of a batch's chunks are copied out, so a worker's
 private memory is the batches it collates; `loader_memory` estimates it, and the shared page cache,
@@ -44,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fusion.config import Recipe
 from fusion.data.align_shards import read_alignment
 from fusion.data.alignment import aligned_distribution
-from fusion.data.chunks import load_chunk_set
+from fusion.data.chunks import load_chunk_set, usable_rows
 from fusion.data.prepare import PreparedTeacher
 from fusion.data.store import bytes_per_token
 from fusion.data.text import TextDataModule
@@ -57,7 +61,8 @@ _ALIGNMENT_BYTES = 4  # per target token and teacher: the int32 src of `fusion.d
 
 
 def epoch_order(chunk_ids: np.ndarray, chunks_per_shard: int, seed: int, epoch: int) -> np.ndarray:
-    """The chunk ids of one epoch: shards shuffled, chunks shuffled within windows of `_WINDOW` shards."""
+    """The chunk ids (of the rows' first chunks) of one epoch: shards shuffled, ids shuffled within windows
+    of `_WINDOW` shards."""
     rng = np.random.default_rng([seed, epoch])
     shards = np.unique(chunk_ids // chunks_per_shard)
     rng.shuffle(shards)
@@ -78,9 +83,11 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int)
 class FusedBatches(IterableDataset):
     """Yields collated batches (see the module docstring) for one rank, from batch ``start`` of ``epoch``."""
 
-    def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], chunk_ids: np.ndarray, batch_size: int,
+    def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], rows: np.ndarray, batch_size: int,
                  seed: int, rank: int, world_size: int, keep_exact_only: bool, pad_id: int) -> None:
-        self.chunk_folder, self.teachers, self.chunk_ids = chunk_folder, teachers, chunk_ids
+        """``rows``: ``[R, 2]`` first chunk id and number of chunks of each row to train on (`usable_rows`)."""
+        self.chunk_folder, self.teachers, self.rows = chunk_folder, teachers, rows
+        self.row_size = dict(zip(rows[:, 0].tolist(), rows[:, 1].tolist()))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.keep_exact_only, self.pad_id = keep_exact_only, pad_id
         self.chunks_per_shard = teachers[0].store.chunks_per_shard
@@ -89,11 +96,11 @@ class FusedBatches(IterableDataset):
         self._cache: dict = {}
 
     def batches(self) -> list[np.ndarray]:
-        order = epoch_order(self.chunk_ids, self.chunks_per_shard, self.seed, self.epoch)
+        order = epoch_order(self.rows[:, 0], self.chunks_per_shard, self.seed, self.epoch)
         return rank_batches(order, self.batch_size, self.rank, self.world_size)
 
     def __len__(self) -> int:
-        return len(self.chunk_ids) // (self.batch_size * self.world_size)
+        return len(self.rows) // (self.batch_size * self.world_size)
 
     def __iter__(self):
         info = get_worker_info()
@@ -110,7 +117,9 @@ class FusedBatches(IterableDataset):
         the checks instead of each hashing every shard again. It reads the whole store once per run and
         rank: ~240 GB for the 7B recipe's three teachers, a few minutes at ~1.5 GB/s.
         """
-        shards = np.unique(self.chunk_ids // self.chunks_per_shard).tolist()
+        first, size = self.rows[:, 0], self.rows[:, 1]
+        ids = np.repeat(first - np.cumsum(size) + size, size) + np.arange(size.sum())  # every chunk of every row
+        shards = np.unique(ids // self.chunks_per_shard).tolist()
         for teacher in self.teachers:
             for shard in shards:
                 teacher.store.verify_shard(shard)
@@ -128,29 +137,48 @@ class FusedBatches(IterableDataset):
             self._cache[key] = (teacher.store.read_shard(shard), read_alignment(teacher.alignment, shard))
         return self._cache[key]
 
-    def example(self, chunk_id: int) -> dict:
-        """One chunk: its target ids and, per teacher, the aligned distribution and CEs."""
+    def example(self, first: int) -> dict:
+        """One row, from chunk ``first`` on (module docstring): its target ids and, per teacher, the aligned
+        distribution and CEs."""
         if self._chunks is None:
             self._chunks, _ = load_chunk_set(self.chunk_folder)
-        target = np.asarray(self._chunks[int(chunk_id)]["input_ids"], dtype=np.int64)
-        shard, i = divmod(int(chunk_id), self.chunks_per_shard)
-        per_teacher = []
-        for t, teacher in enumerate(self.teachers):
-            data, (src, offsets, read) = self._shard(t, shard)
-            row = data.chunk(i)
-            chunk_src = src[offsets[i]:offsets[i + 1]]
-            inside = {} if read is None else {"read": read[offsets[i]:offsets[i + 1]], "teacher_tokens": row["tokens"],
-                                              "continuations": teacher.continuations}
-            ids, logprobs, fallback = aligned_distribution(
-                chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
-                keep=teacher.exact if self.keep_exact_only else None, **inside)
-            token_ce = np.where(fallback, row["chunk_ce"], row["token_ce"][chunk_src.clip(min=0)].astype(np.float32))
-            ce_target = row["chunk_ce"] * (len(row["tokens"]) - 1) / max(len(target) - 1, 1)
-            per_teacher.append((ids, logprobs, fallback, row["chunk_ce"], ce_target, token_ce))
-        return {"input_ids": target, "teachers": per_teacher}
+        n_teachers = len(self.teachers)
+        parts, per_teacher = [], [[] for _ in range(n_teachers)]
+        nll, predictions = np.zeros(n_teachers), np.zeros(n_teachers)  # the teachers' summed CE and its positions
+        for chunk_id in range(first, first + self.row_size[first]):
+            chunk = self._chunks[chunk_id]
+            target = np.asarray(chunk["input_ids"], dtype=np.int64)
+            skip = 0 if chunk["starts_document"] else 1  # mid-document: no start token, as in a packed block
+            shard, i = divmod(chunk_id, self.chunks_per_shard)
+            for t, teacher in enumerate(self.teachers):
+                data, (src, offsets, read) = self._shard(t, shard)
+                row = data.chunk(i)
+                chunk_src = src[offsets[i]:offsets[i + 1]]
+                inside = {} if read is None else {
+                    "read": read[offsets[i]:offsets[i + 1]], "teacher_tokens": row["tokens"],
+                    "continuations": teacher.continuations}
+                ids, logprobs, fallback = aligned_distribution(
+                    chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
+                    keep=teacher.exact if self.keep_exact_only else None, **inside)
+                token_ce = row["token_ce"][chunk_src.clip(min=0)].astype(np.float32)
+                token_ce = np.where(fallback, row["chunk_ce"], token_ce)
+                if parts:  # the previous chunk's last token (an EOS) predicts this one's first: the gold one-hot
+                    seam = np.full((1, ids.shape[1]), -np.inf, dtype=np.float32)
+                    seam[0, 0] = 0.0
+                    per_teacher[t].append((np.full((1, ids.shape[1]), target[skip]), seam, np.ones(1, dtype=bool),
+                                           np.full(1, row["chunk_ce"], dtype=np.float32)))
+                per_teacher[t].append((ids[skip:], logprobs[skip:], fallback[skip:], token_ce[skip:]))
+                nll[t] += row["chunk_ce"] * (len(row["tokens"]) - 1)
+                predictions[t] += len(row["tokens"]) - 1
+            parts.append(target[skip:])
+        target = np.concatenate(parts)
+        teachers = [(*(np.concatenate(arrays) for arrays in zip(*pieces)), nll[t] / max(predictions[t], 1),
+                     nll[t] / max(len(target) - 1, 1)) for t, pieces in enumerate(per_teacher)]
+        return {"input_ids": target, "teachers": teachers}
 
-    def collate(self, chunk_ids: np.ndarray) -> dict:
-        examples = [self.example(c) for c in chunk_ids]
+    def collate(self, firsts: np.ndarray) -> dict:
+        """The rows starting at chunks ``firsts``, collated."""
+        examples = [self.example(int(c)) for c in firsts]
         b, t = len(examples), len(self.teachers)
         length = max(len(e["input_ids"]) for e in examples)
         k = examples[0]["teachers"][0][0].shape[1]
@@ -168,14 +196,14 @@ class FusedBatches(IterableDataset):
             size = len(e["input_ids"])
             input_ids[n, :size] = labels[n, :size] = e["input_ids"]
             mask[n, :size] = 1
-            for j, (ids, lp, fallback, ce, ce_target, token_ce) in enumerate(e["teachers"]):
+            for j, (ids, lp, fallback, token_ce, ce, ce_target) in enumerate(e["teachers"]):
                 t_ids[n, j, :size - 1], t_lp[n, j, :size - 1] = ids, lp
                 t_fallback[n, j, :size - 1], t_token_ce[n, j, :size - 1] = fallback, token_ce
                 t_ce[n, j], t_ce_target[n, j] = ce, ce_target
         arrays = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "teacher_ids": t_ids,
                   "teacher_logprobs": t_lp, "teacher_ce": t_ce, "teacher_ce_per_target_token": t_ce_target,
                   "teacher_token_ce": t_token_ce,
-                  "teacher_fallback": t_fallback, "chunk_ids": np.asarray(chunk_ids, dtype=np.int64)}
+                  "teacher_fallback": t_fallback, "chunk_ids": np.asarray(firsts, dtype=np.int64)}
         return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
@@ -293,7 +321,7 @@ class FusionDataModule(pl.LightningDataModule):
                  num_workers: int = 0) -> None:
         super().__init__()
         self.chunk_folder, self.teachers, self.validation = chunk_folder, teachers, validation
-        self.chunk_ids = np.array([c for c in range(n_chunks) if c not in bad_chunks], dtype=np.int64)
+        self.rows, self.n_chunks = usable_rows(chunk_folder, n_chunks, bad_chunks), n_chunks
         self.batch_size, self.seed, self.keep_exact_only, self.pad_id = batch_size, seed, keep_exact_only, pad_id
         self.num_workers = num_workers
         self._train: FusedLoader | None = None
@@ -311,11 +339,12 @@ class FusionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> FusedLoader:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if len(self.chunk_ids) < self.batch_size * world_size:
-            raise FusionError(f"{len(self.chunk_ids)} usable chunks cannot fill one batch of trainer.batch_size="
-                              f"{self.batch_size} on {world_size} devices; raise representations.max_chunks")
+        if len(self.rows) < self.batch_size * world_size:
+            raise FusionError(f"the first {self.n_chunks} chunks hold {len(self.rows)} usable rows, which cannot fill "
+                              f"one batch of trainer.batch_size={self.batch_size} on {world_size} devices; raise "
+                              "representations.max_chunks")
         if self._train is None:  # one loader per run, so its position survives Lightning's reloads
-            dataset = FusedBatches(self.chunk_folder, self.teachers, self.chunk_ids, self.batch_size, self.seed, rank,
+            dataset = FusedBatches(self.chunk_folder, self.teachers, self.rows, self.batch_size, self.seed, rank,
                                    world_size, self.keep_exact_only, self.pad_id)
             self._train = FusedLoader(dataset, num_workers=self.num_workers)
         return self._train

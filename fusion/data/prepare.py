@@ -72,9 +72,9 @@ def prepare_chunks(recipe: Recipe, target_tokenizer) -> tuple[Path, object, dict
     """The recipe's chunk set, built on first use by one process (the others wait): ``(folder, chunks, info)``."""
     def build(tmp: Path) -> None:
         train, _ = document_splits(recipe.data, recipe.seed)
-        # Shuffled documents decide which short ones are joined into one chunk. Which chunks max_chunks takes
-        # is decided by build_chunk_set's shuffle of the chunks themselves: a document shuffle alone made the
-        # first max_chunks a few whole documents, not a sample of the text (`fusion.data.chunks`).
+        # Shuffled documents decide which ones share a row. Which rows max_chunks takes is decided by
+        # build_chunk_set's shuffle of the rows themselves: a document shuffle alone made the first max_chunks a
+        # few whole documents, not a sample of the text (`fusion.data.chunks`).
         train = train.shuffle(seed=recipe.seed)
         build_chunk_set(train, recipe.data.text_field, target_tokenizer, recipe.data.block_size, tmp,
                         recipe.data.preprocessing_workers, seed=recipe.seed)

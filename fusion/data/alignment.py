@@ -44,8 +44,8 @@ Four modes:
   teacher's ``)`` is the target's ``)``-and-newline token where the target merges the two, and so on
   for runs of spaces and digits (the alignment learns from the tokens actually aligned, as the paper's
   vocabulary map does).
-  On the embedded default's validation chunks, with the teachers' own top-50, 12.6-12.7 % of positions
-  still fall back (8.5-16.7 % per domain; mined: 48-61 %, offsets: 36-55 %; `bench/run.py alignment`);
+  On the embedded default's validation chunks, with the teachers' own top-50, 12.6-13.0 % of positions
+  still fall back (9.2-15.9 % per domain; mined: 48-63 %, offsets: 36-57 %; `bench/run.py alignment`);
 - ``mined`` (the paper's MinED): dynamic time warping over the two token strings with Levenshtein
   cost; a target token aligned one-to-one with a teacher token is accepted when both start at the
   same byte of the text (so the two predictions follow the same prefix: the DTW alone also pairs

@@ -7,7 +7,7 @@ Every variant starts from the same target (``zoo:target``) and trains for the sa
 
     clm                  ``recipes/clm.yaml``: the causal-LM loss on packed text blocks, what a user runs
                          without fusion (the paper's "Llama-2 CLM"); every difference is measured against it
-    clm-chunks           ``fusellm.yaml`` with lambda = 1: the same loss on the fusion data path's chunks
+    clm-chunks           ``fusellm.yaml`` with lambda = 1: the same loss on the fusion data path's rows
     fusellm              FuseLLM as the embedded default runs it (``recipes/fusellm.yaml``): target + both
                          sources, top-50, prefix alignment, MinCE per token, the top-k's tail as one outcome
     fusellm-paper        the paper's objective on the same teachers: top-10 renormalised, MinED alignment,

@@ -57,7 +57,7 @@ def test_rows_are_packed_like_clm_blocks_and_the_used_ones_sample_the_corpus(zoo
 
 def test_whole_documents_in_a_row_are_exactly_clms_packing(zoo_dir):
     tok = load_tokenizer(resolve_model("zoo:target", "small", zoo_dir))
-    docs = ["short one", "another short document", "def f(x):\n    return x\n" * 40]
+    docs = ["short one", "another short document", "def f(x):\n    return x\n" * 40, "é" * 300]  # é: 2 byte tokens
     rows = make_rows(docs, tok, block_size=64)
     first = row_ids(tok, rows[0])
     documents = datasets.Dataset.from_dict({"text": docs})
@@ -66,6 +66,7 @@ def test_whole_documents_in_a_row_are_exactly_clms_packing(zoo_dir):
     assert first == stream  # BOS text EOS BOS text EOS BOS text... : the same tokens, the same 64
     assert rows[1][0][1] is False and row_ids(tok, rows[1])[0] != tok.bos_token_id  # goes on without a start token
     assert all(len(row_ids(tok, row)) <= 64 for row in rows)
-    assert "".join(p[0] for row in rows for p in row) == "".join(docs)
+    assert "".join(p[0] for row in rows for p in row) == "".join(docs)  # no character cut in two
+    assert rows[-1][-1] == ("é" * (len(rows[-1][-1][0])), False, True)
     assert make_rows(docs, tok, block_size=64) == rows  # deterministic
 

@@ -34,9 +34,11 @@ def test_rows_are_packed_like_clm_blocks_and_the_used_ones_sample_the_corpus(zoo
     texts = train.shuffle(seed=recipe.seed)["text"]
     in_order = [tuple(row) for i in range(0, len(texts), 1000) for row in make_rows(texts[i:i + 1000], tok, block)]
     pieces = list(zip(chunks["text"], chunks["starts_document"], chunks["ends_document"]))
-    stored = [tuple(pieces[i] for i in np.flatnonzero(numbers == r)) for r in range(info["rows"])]
-    assert sorted(stored) == sorted(in_order) and stored != in_order
-    position = np.array([{row: i for i, row in enumerate(in_order)}[row] for row in stored])
+    bounds = [*np.flatnonzero(np.diff(numbers)) + 1, len(numbers)]
+    stored = [tuple(pieces[a:b]) for a, b in zip([0, *bounds[:-1]], bounds)]
+    assert len(stored) == info["rows"] and sorted(stored) == sorted(in_order) and stored != in_order
+    where = {row: i for i, row in enumerate(in_order)}
+    position = np.array([where[row] for row in stored])
 
     # Every row fills the block, as clm's packed blocks do, but for the documents' last rows and the ends of rows
     # where a document would start with fewer than 8 tokens; the stored sequences are the alignment's layout.

@@ -151,7 +151,7 @@ def build_chunk_set(documents: datasets.Dataset, text_field: str, tokenizer, blo
         raise FusionError("data: the training documents are empty; there is nothing to chunk")
     # Rows in random order, so that any prefix of the ids (max_chunks) and any run of them (a shard, a loader
     # window) is a uniform sample of the corpus, not a few whole documents (module docstring). flatten_indices
-    # rewrites the rows in that order, so that reading by id needs no indices mapping.
+    # rewrites the chunks in that order, so that reading by id needs no indices mapping.
     row = np.cumsum(chunks.data.column("row_start").to_numpy(zero_copy_only=False)) - 1
     number = np.random.default_rng(seed).permutation(int(row[-1]) + 1)[row]
     chunks = chunks.select(np.lexsort((np.arange(len(row)), number))).flatten_indices().remove_columns("row_start")

@@ -313,6 +313,14 @@ def _spelled(text_ids: np.ndarray, table: TokenTable, prefix: int) -> list[str]:
     return strings
 
 
+def gold_one_hot(gold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [n, k], logprobs [n, k])``: a one-hot on each gold token, the fallback where no teacher serves."""
+    ids = np.repeat(np.asarray(gold, dtype=np.int64)[:, None], k, axis=1)
+    logprobs = np.full(ids.shape, -np.inf, dtype=np.float32)
+    logprobs[:, 0] = 0.0
+    return ids, logprobs
+
+
 def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_ids: np.ndarray,
                          target_ids: np.ndarray, keep: np.ndarray | None = None, read: np.ndarray | None = None,
                          teacher_tokens: np.ndarray | None = None,
@@ -380,7 +388,5 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
         np.add.at(probs, (np.arange(len(ids))[:, None].repeat(k, 1), first), np.exp(logprobs))
         with np.errstate(divide="ignore"):
             logprobs = np.log(probs)
-    ids[fallback] = gold[fallback, None]
-    logprobs[fallback] = -np.inf
-    logprobs[fallback, 0] = 0.0
+    ids[fallback], logprobs[fallback] = gold_one_hot(gold[fallback], k)
     return ids, logprobs, fallback

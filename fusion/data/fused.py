@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.config import Recipe
 from fusion.data.align_shards import read_alignment
-from fusion.data.alignment import aligned_distribution
+from fusion.data.alignment import aligned_distribution, gold_one_hot
 from fusion.data.chunks import load_chunk_set, usable_rows
 from fusion.data.prepare import PreparedTeacher
 from fusion.data.store import bytes_per_token
@@ -163,9 +163,7 @@ class FusedBatches(IterableDataset):
                 token_ce = row["token_ce"][chunk_src.clip(min=0)].astype(np.float32)
                 token_ce = np.where(fallback, row["chunk_ce"], token_ce)
                 if parts:  # the previous chunk's last token (an EOS) predicts this one's first: the gold one-hot
-                    seam = np.full((1, ids.shape[1]), -np.inf, dtype=np.float32)
-                    seam[0, 0] = 0.0
-                    per_teacher[t].append((np.full((1, ids.shape[1]), target[skip]), seam, np.ones(1, dtype=bool),
+                    per_teacher[t].append((*gold_one_hot(target[skip:skip + 1], ids.shape[1]), np.ones(1, dtype=bool),
                                            np.full(1, row["chunk_ce"], dtype=np.float32)))
                 per_teacher[t].append((ids[skip:], logprobs[skip:], fallback[skip:], token_ce[skip:]))
                 nll[t] += row["chunk_ce"] * (len(row["tokens"]) - 1)

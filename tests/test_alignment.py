@@ -13,7 +13,7 @@ from fusion.zoo import resolve_model
 
 # Hand-built vocabularies: id 0 = start, 1 = eos, then text pieces (canonical strings: " " is a space).
 TARGET = ["<s>", "</s>", "Hello", " world", "Hel", "lo", " wor", "ld", "The", " cat", " sat", "!"]
-TEACHER = ["<|bos|>", "<|eos|>", "Hel", "lo", " world", "Hello", "The", " cat", " sa", "t", "!", " wrld"]
+TEACHER = ["<|bos|>", "<|eos|>", "Hel", "lo", " world", "Hello", "The", " cat", " sa", "t", "!", " wrld", "Hel world"]
 
 
 def table(strings: list[str]) -> TokenTable:
@@ -310,7 +310,8 @@ def test_inside_a_teacher_token_only_candidates_that_fit_the_text_count_projecte
                           lambda text: TARGET.index(text) if text in TARGET else -1)
     # At target position 1 (gold "lo"), 3 bytes ("Hel") of the teacher's next token "Hello" are read. The
     # teacher (position 0) said "Hello" 0.5, "Hel" 0.3 (ends where the text goes on: no next token of it),
-    # "The" 0.2 (not the text): only "Hello" fits, and its rest "lo" is the target token "lo".
+    # "The" 0.2 (not the text): only "Hello" fits, and its rest "lo" is the target token "lo". Conditioned
+    # on "Hel", it gets the top-k's whole mass: 0.5 · 1.0 / 0.5.
     topk_ids = np.array([[TEACHER.index("Hello"), TEACHER.index("Hel"), TEACHER.index("The")]])
     topk_lp = np.log(np.array([[0.5, 0.3, 0.2]], dtype=np.float32))
     target = ids(TARGET, "Hel", "lo", eos=False)
@@ -320,8 +321,20 @@ def test_inside_a_teacher_token_only_candidates_that_fit_the_text_count_projecte
     out_ids, out_lp, fallback = aligned_distribution(src, topk_ids, topk_lp, first, target, read=read,
                                                      teacher_tokens=teacher_tokens, continuations=cont)
     assert fallback.tolist() == [True, False]
-    assert out_ids[1, 0] == TARGET.index("lo") and out_lp[1, 0] == pytest.approx(np.log(0.5))
+    assert out_ids[1, 0] == TARGET.index("lo") and out_lp[1, 0] == pytest.approx(0.0, abs=1e-6)
     assert np.isneginf(out_lp[1, 1:]).all()
+    # the top-k summing to 0.8 (the tail holds 0.2): the fit is scaled to 0.8, the tail stays the teacher's
+    _, lp, _ = aligned_distribution(src, topk_ids, np.log(np.array([[0.4, 0.2, 0.2]], dtype=np.float32)), first,
+                                    target, read=read, teacher_tokens=teacher_tokens, continuations=cont)
+    assert lp[1, 0] == pytest.approx(np.log(0.8), abs=1e-6)
+    # the teacher's own token ("Hello") not in its top-k: the one that fits ("Hel world": " world" after "Hel")
+    # is a guess and keeps its own probability
+    guess = np.array([[TEACHER.index("Hel world"), TEACHER.index("Hel"), TEACHER.index("The")]])
+    g_ids, lp, fallback = aligned_distribution(src, guess, np.log(np.array([[0.1, 0.3, 0.2]], dtype=np.float32)),
+                                               first, target, read=read, teacher_tokens=teacher_tokens,
+                                               continuations=cont)
+    assert not fallback[1] and g_ids[1, 0] == TARGET.index(" world") and lp[1, 0] == pytest.approx(np.log(0.1))
+
     # a position where nothing fits falls back to the gold one-hot
     _, lp, fallback = aligned_distribution(src, topk_ids[:, 1:], topk_lp[:, 1:], first, target, read=read,
                                            teacher_tokens=teacher_tokens, continuations=cont)

@@ -33,11 +33,17 @@ Four modes:
   bytes (`` return`` with `` re`` read -> ``turn``), the rest dropped; if none fits, the position
   falls back. (A candidate that ends within the read bytes would need the teacher's next prediction
   too; it is dropped, which makes this the teacher's distribution given that its token goes on.) The
-  fitting candidates keep their own log-probs: renormalised (`fusion.tail: renormalise`) they become
-  the conditional distribution among the top-k; with `fusion.tail: bucket` the rest of the mass stays
-  in the tail, since the candidates that would fit beyond the top-k are unknown (scaling the few that
-  fit up to the top-k's mass was tried: where the teacher's own token is not among them, it turns
-  guesses of a few percent into confident wrong targets).
+  fitting candidates are conditioned on the bytes read: where the teacher's own token is among them,
+  they are scaled to the top-k's total mass, ``P(c | read) = P(c) · Σ top-k / Σ fitting`` (the tail
+  beyond the top-k taken to hold as large a share of fitting tokens), so `fusion.tail: bucket` keeps
+  the same tail as at any other position and `renormalise` gets the conditional among the top-k.
+  Where the teacher's own token is not in its top-k, the few that fit are guesses and keep their own
+  (small) probabilities: scaling those up turned them into confident wrong targets. Measured once on the
+  zoo (a diagnostic, not a benchmark; gpt2-code on code, where 38 % of target positions are inside a
+  teacher token): where its own token is in its top-k, the teacher's mean log-probability of the gold
+  token went from -1.31 (unconditioned) to -0.22, against -0.33 for its exact conditional over the full
+  vocabulary and -0.68 for the trained CLM target: unconditioned, the teacher taught the target *less*
+  than it knew at a third of code positions.
   One exception to the projection: the candidate that *is* the teacher's own next token (what the text
   holds) becomes the target's own next token, whatever the target would emit for its text alone. Both
   spell the text from the same byte, so the teacher predicting its truth predicts the target's: a
@@ -373,7 +379,16 @@ def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
                 at, actual_at = at.clip(0, len(cont_read) - 1), actual_at.clip(0, len(cont_read) - 1)
                 fits &= (cont_read[at] == cont_read[actual_at][:, None]) & (cont_first[at] >= 0)
                 ids[inside] = np.where(fits, cont_first[at], ids[inside])
-            logprobs[inside] = np.where(fits, logprobs[inside], -np.inf)
+            inside_lp = logprobs[inside]
+            # Condition on the bytes read: where the teacher's own token is among the fitting candidates, they are
+            # scaled to the top-k's mass (P(c | read) = P(c) · Σ top-k / Σ fits: the tail is assumed to hold as
+            # large a share of fitting tokens as the top-k). Elsewhere they keep their own probabilities.
+            known = (fits & (candidates == actual[:, None])).any(axis=1)
+            with np.errstate(divide="ignore"):
+                scale = (np.log(np.exp(inside_lp).sum(axis=1))
+                         - np.log(np.where(fits, np.exp(inside_lp), 0.0).sum(axis=1)))
+            inside_lp = inside_lp + np.where(known, scale, 0.0)[:, None]
+            logprobs[inside] = np.where(fits, inside_lp, -np.inf)
     gold = np.asarray(target_ids[1:], dtype=np.int64)
     if teacher_tokens is not None:  # the teacher's own next token, where it is a candidate, is the target's
         tokens = np.asarray(teacher_tokens, dtype=np.int64)

@@ -194,6 +194,8 @@ def _check_teachers(recipe: Recipe) -> None:
     f = recipe.fusion
     if not 0 <= f.clm_weight <= 1:
         _fail("fusion.clm_weight", f"must be in [0, 1], got {f.clm_weight}")
+    if f.span < 1:
+        _fail("fusion.span", f"must be at least 1 target token, got {f.span}")
     if f.temperature <= 0:
         _fail("fusion.temperature", f"must be positive, got {f.temperature}")
     rep = recipe.representations

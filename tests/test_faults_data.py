@@ -206,6 +206,7 @@ def test_bad_data_files_are_one_line_errors(recipe, case, tmp_path, zoo_dir, cac
     ("optim.eps=-1e-8", "optim.eps", "at least 0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val", "at least 0 or null"),
     ("fusion.temperature=-.inf", "fusion.temperature", "finite"),
+    ("fusion.span=0", "fusion.span", "at least 1"),
 ])
 def test_out_of_range_recipe_values_are_one_line_errors(override, key, expected, tmp_path, zoo_dir, cache_dir,
                                                         capsys):

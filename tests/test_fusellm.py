@@ -91,6 +91,13 @@ def test_training_rows_are_clms_layout_with_each_chunks_teacher_predictions(fuse
         for i, top in enumerate(expected):
             if top is not None:
                 assert batch["teacher_ids"][n, 0, i].tolist() == top.tolist(), (n, i)
+        # Each teacher's token CE is its aligned distribution's CE on the target's next token (0 at fallbacks).
+        gold = torch.tensor(ids[1:])
+        p_gold = ((batch["teacher_ids"][n, :, :len(ids) - 1] == gold[:, None]) *
+                  batch["teacher_logprobs"][n, :, :len(ids) - 1].exp()).sum(-1)
+        want = torch.where(batch["teacher_fallback"][n, :, :len(ids) - 1], 0.0, -p_gold.clamp(min=1e-4).log())
+        torch.testing.assert_close(batch["teacher_token_ce"][n, :, :len(ids) - 1], want, rtol=1e-5, atol=1e-5)
+        assert (want[1:] > 0).any()  # the sources' CE is not all zero (or all fallback)
 
 
 def test_a_new_teacher_is_the_only_one_computed(fusellm_run, tmp_path, zoo_dir, cache_dir):

@@ -11,10 +11,12 @@ from fusion.modules.base import CausalLMModule
 from fusion.modules.fusellm import FuseLLMModule
 from fusion.modules.losses import (
     IGNORE_INDEX,
+    NO_PREDICTION,
     cross_entropy_to_teacher,
     fuse_teachers,
     kl_to_teacher,
     next_token_targets,
+    span_mean,
     tail_cross_entropy,
     teacher_probs,
     vocab_loss,
@@ -352,3 +354,35 @@ def test_mince_can_compare_teachers_per_target_token():
     own = module(FuseLLMModule, clm_weight=0.9)
     fair = module(FuseLLMModule, clm_weight=0.9, ce_unit="target_token")
     assert (own.fuse(batch)[0] == 5).all() and (fair.fuse(batch)[0] == 7).all()
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 5, 32])
+def test_span_mean_averages_each_window_over_the_positions_with_a_prediction(width):
+    g = torch.Generator().manual_seed(width)
+    values = torch.rand(2, 3, 11, generator=g) * 5
+    missing = torch.rand(2, 3, 11, generator=g) < 0.3
+    missing[0, 1] = True  # a teacher with no prediction anywhere in its row
+    got = span_mean(values, missing, width)
+    for b in range(2):
+        for t in range(3):
+            for pos in range(11):
+                lo, hi = max(pos - width // 2, 0), min(pos - width // 2 + width, 11)
+                keep = ~missing[b, t, lo:hi]
+                want = values[b, t, lo:hi][keep].mean() if keep.any() else NO_PREDICTION
+                assert float(got[b, t, pos]) == pytest.approx(float(want), rel=1e-5), (b, t, pos)
+    if width == 1:  # the token level: each position's own CE
+        assert torch.equal(got[~missing], values[~missing])
+
+
+def test_span_level_follows_the_better_teacher_over_a_span_and_skips_a_teacher_without_predictions():
+    batch = fused_batch(b=1, length=12, t=2)
+    batch["teacher_ids"][:, 0], batch["teacher_ids"][:, 1] = 5, 7  # teacher 0 proposes id 5, teacher 1 id 7
+    ce = torch.tensor([[[2.0] * 12, [1.0] * 12]])
+    ce[0, 0, 3] = 0.5  # one lucky token of teacher 0
+    fallback = torch.zeros(1, 2, 12, dtype=torch.bool)
+    fallback[0, 1, 7:] = True  # teacher 1 has no prediction from position 7 on
+    batch["teacher_token_ce"], batch["teacher_fallback"] = ce, fallback
+    token = module(FuseLLMModule, clm_weight=0.9, level="token").fuse(batch)[0][0, :, 0]
+    span = module(FuseLLMModule, clm_weight=0.9, level="span", span=4).fuse(batch)[0][0, :, 0]
+    assert token.tolist() == [7, 7, 7, 5, 7, 7, 7] + [5] * 5  # the lucky token; then the only one predicting
+    assert span.tolist() == [7] * 9 + [5] * 3  # over 4 tokens teacher 1 is better until its window is empty

@@ -80,8 +80,8 @@ def test_the_plan_lists_every_stage_with_its_key_and_state(tmp_path):
     for i, stage in enumerate(("representations", "alignment", "baseline", "train", "export", "evaluate"), 1):
         assert f"  {i}. {stage}" in text
     assert text.count(" todo ") == 6
-    assert ("FuseLLMModule(): 0.7 x CLM + 0.3 x CE(MinCE-fused teachers at token level, the rest of the vocabulary "
-            "as one outcome)") in text
+    assert ("FuseLLMModule(): 0.7 x CLM + 0.3 x CE(MinCE-fused teachers at span level (32 tokens), the rest of the "
+            "vocabulary as one outcome)") in text
 
 
 class Seeds(Method):

@@ -16,7 +16,9 @@ predicting the next BOS) gets the gold one-hot, as a fallback.
     teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the row's chunks
     teacher_ce_per_target_token [B, T]  its summed CE over the row's chunks / the row's target predictions
                                    (comparable across tokenizers: a fine tokenizer's own-token CE is lower)
-    teacher_token_ce [B, T, L]     its CE at the aligned position (the chunk mean where it fell back)
+    teacher_token_ce [B, T, L]     its CE on target token l+1 under its aligned distribution at l, a
+                                   probability below 1e-4 (or none: not a candidate) counted as 1e-4;
+                                   0 where it fell back (fusion's span and token levels skip those)
     teacher_fallback [B, T, L]     bool: no aligned teacher prediction at l
     chunk_ids        [B]           the first chunk id of each row
 
@@ -78,6 +80,16 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int)
     global_size = batch_size * world_size
     n = len(order) // global_size
     return [order[b * global_size + rank * batch_size:b * global_size + (rank + 1) * batch_size] for b in range(n)]
+
+
+_MISS_PROB = 1e-4  # a gold token the teacher's candidates miss: ~9.2 nats, like a top-k miss in the benchmark
+
+
+def gold_cross_entropy(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``-log p(gold)`` per position of an aligned distribution (``ids / logprobs [n, k]``): the teacher's CE
+    on the target's next token, in target tokens whatever its tokenizer; at least `_MISS_PROB`, 0 at fallbacks."""
+    p = np.where(ids == gold[:, None], np.exp(logprobs), 0.0).sum(axis=1)
+    return np.where(fallback, 0.0, -np.log(np.maximum(p, _MISS_PROB))).astype(np.float32)
 
 
 class FusedBatches(IterableDataset):
@@ -160,11 +172,10 @@ class FusedBatches(IterableDataset):
                 ids, logprobs, fallback = aligned_distribution(
                     chunk_src, row["topk_ids"], row["topk_logprobs"], teacher.vocab_ids, target,
                     keep=teacher.exact if self.keep_exact_only else None, **inside)
-                token_ce = row["token_ce"][chunk_src.clip(min=0)].astype(np.float32)
-                token_ce = np.where(fallback, row["chunk_ce"], token_ce)
+                token_ce = gold_cross_entropy(ids, logprobs, target[1:], fallback)
                 if parts:  # the previous chunk's last token (an EOS) predicts this one's first: the gold one-hot
                     per_teacher[t].append((*gold_one_hot(target[skip:skip + 1], ids.shape[1]), np.ones(1, dtype=bool),
-                                           np.full(1, row["chunk_ce"], dtype=np.float32)))
+                                           np.zeros(1, dtype=np.float32)))
                 per_teacher[t].append((ids[skip:], logprobs[skip:], fallback[skip:], token_ce[skip:]))
                 nll[t] += row["chunk_ce"] * (len(row["tokens"]) - 1)
                 predictions[t] += len(row["tokens"]) - 1

@@ -37,7 +37,7 @@ class FuseLLM(Method):
         chunks = "all chunks" if rep.max_chunks is None else f"first {rep.max_chunks} chunks"
         return [f"teachers  {teachers}",
                 f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, {chunks}, batch {rep.batch_size}",
-                f"fusion    {f.function} at {f.level} level, {f.alignment} alignment, lambda {f.clm_weight:g} "
+                f"fusion    {f.function} at {f.level_label}, {f.alignment} alignment, lambda {f.clm_weight:g} "
                 f"({f.clm_weight_schedule}), top-k tail {f.tail}, temperature {f.temperature:g}",
                 f"loader    {loader_memory(recipe).describe()}"]
 

@@ -2,8 +2,8 @@
 
     loss = λ · CLM + (1 − λ) · D(fused teacher distribution ‖ target)
 
-with λ = ``fusion.clm_weight`` (the paper: 0.9), the teachers fused by MinCE or AvgCE at sequence or
-token level, and D a cross-entropy (the paper) or KL divergence over the teachers' sparse top-k
+with λ = ``fusion.clm_weight`` (the paper: 0.9), the teachers fused by MinCE or AvgCE at sequence, span
+or token level, and D a cross-entropy (the paper) or KL divergence over the teachers' sparse top-k
 candidates: renormalised over them (the paper), or at their own probabilities with the rest of the
 vocabulary as one more outcome (``fusion.tail: bucket``). Everything stays sparse and chunked: the
 student's log-probs are gathered at the candidate ids, one chunk of positions at a time
@@ -29,7 +29,7 @@ import torch
 
 from fusion.config import FusionConfig
 from fusion.modules.base import CausalLMModule
-from fusion.modules.losses import DISTILLATION, fuse_teachers, teacher_probs
+from fusion.modules.losses import DISTILLATION, fuse_teachers, span_mean, teacher_probs
 
 _FUNCTION_NAMES = {"mince": "MinCE", "avgce": "AvgCE"}
 
@@ -50,7 +50,7 @@ class FuseLLMModule(CausalLMModule):
         own = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         own_loss = cls.distillation_loss is not FuseLLMModule.distillation_loss
         loss = f"{cls.__name__}.distillation_loss" if own_loss else f.loss.upper()
-        fused = f"{_FUNCTION_NAMES[f.function]}-fused teachers at {f.level} level"
+        fused = f"{_FUNCTION_NAMES[f.function]}-fused teachers at {f.level_label}"
         fused += ", the rest of the vocabulary as one outcome" if f.tail == "bucket" else ""
         schedule = ", lambda growing linearly to 1" if f.clm_weight_schedule == "linear" else ""
         return f"{f.clm_weight:g} x CLM + {1 - f.clm_weight:g} x {loss}({fused}{', ' + own if own else ''}){schedule}"
@@ -67,8 +67,8 @@ class FuseLLMModule(CausalLMModule):
         """The fused teacher distribution ``(ids, probs)``, ``[B, L, K]`` (override for a new fusion function)."""
         f = self.fusion_config
         probs = teacher_probs(batch["teacher_logprobs"], f.temperature, f.tail)
-        if f.level == "token":
-            ce = batch["teacher_token_ce"]
+        if f.level in ("span", "token"):
+            ce = span_mean(batch["teacher_token_ce"], batch["teacher_fallback"], f.span if f.level == "span" else 1)
         else:
             ce = batch["teacher_ce"] if f.ce_unit == "own_token" else batch["teacher_ce_per_target_token"]
         ids, fused, weights = fuse_teachers(batch["teacher_ids"], probs, ce, f.function)

@@ -101,6 +101,23 @@ def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0, tail: str = 
     return torch.where(torch.isneginf(logprobs).all(-1, keepdim=True), 0.0, probs)
 
 
+NO_PREDICTION = 1e4  # the CE of a teacher with no prediction in a span: never the lowest; softmax(-CE) weight 0
+
+
+def span_mean(values: torch.Tensor, missing: torch.Tensor, width: int) -> torch.Tensor:
+    """Per position, the mean of ``values [..., L]`` over the ``width`` positions centred on it (``width // 2``
+    before), leaving out ``missing`` ones (bool, same shape); `NO_PREDICTION` where the window has none."""
+    shape, length = values.shape, values.shape[-1]
+    pad = (width // 2, width - 1 - width // 2)
+    kernel = torch.ones(1, 1, width, dtype=torch.float32, device=values.device)
+    def window_sum(x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(F.pad(x.reshape(-1, 1, length), pad), kernel).reshape(shape)
+    present = (~missing).float()
+    count = window_sum(present)
+    total = window_sum(torch.where(missing, 0.0, values.float()))
+    return torch.where(count > 0, total / count.clamp(min=1), NO_PREDICTION)
+
+
 def fuse_teachers(ids: torch.Tensor, probs: torch.Tensor, ce: torch.Tensor,
                   function: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fuse T teachers' sparse distributions into one.

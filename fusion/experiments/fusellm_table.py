@@ -19,8 +19,8 @@ Every variant starts from the same target (``zoo:target``) and trains for the sa
                          distillation path and bounds what aligned sources of that strength could give
 
 and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-renormalise``, ``fusellm-top10``,
-``fusellm-sequence``, ``fusellm-token``, ``fusellm-mined``, ``fusellm-lambda0.9``; ``kd-oracle-top10``;
-``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
+``fusellm-sequence``, ``fusellm-token``, ``fusellm-mined``, ``fusellm-lambda0.9``, ``fusellm-lambda0.5`` (and
+``-renormalise``: λ × tail); ``kd-oracle-top10``; ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
 
 Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
 anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
@@ -78,6 +78,8 @@ VARIANTS = {  # name -> (recipe, overrides)
     "fusellm-token": ("fusellm.yaml", ["fusion.level=token"]),
     "fusellm-mined": ("fusellm.yaml", ["fusion.alignment=mined"]),
     "fusellm-lambda0.9": ("fusellm.yaml", ["fusion.clm_weight=0.9"]),
+    "fusellm-lambda0.5": ("fusellm.yaml", ["fusion.clm_weight=0.5"]),
+    "fusellm-lambda0.5-renormalise": ("fusellm.yaml", ["fusion.clm_weight=0.5", "fusion.tail=renormalise"]),
     "kd-oracle-top10": ("fusellm.yaml", [f"teachers={ORACLE}", "representations.top_k=10"]),
     "kd-gpt2-code": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}]"]),
     "kd-neox-prose": ("fusellm.yaml", [f"teachers=[{TEACHERS['neox-prose']}]"]),

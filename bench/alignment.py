@@ -28,6 +28,9 @@ Figures (throughputs in target tokens per second, counted as the target sequence
   is not among them), beside ``initial_target`` and ``oracle``, the same for those two models' own top-k
   at the same positions (the target's tokenizer: no alignment). A source that scores below the initial
   target there teaches the target less about its next token than it already knows;
+- ``align_gold_logprob_inside`` (``teacher``, ``domain``): the same, at the positions ``prefix`` serves
+  from inside a teacher token (``share``: their fraction of all positions), where the candidates are
+  conditioned on the bytes read (`fusion.data.alignment`);
 - ``align_prefix_inside``: the fraction of target positions that ``prefix`` serves from inside a
   teacher token (the 2,048-token chunks);
 - ``align_mined_pairs_agreement``: on the baseline's chunks, the one-to-one DTW pairs of our banded DTW
@@ -195,10 +198,11 @@ def run() -> list[dict]:
         figures.append(_figure("align_fallback", round(rate, 4), "fraction of target positions", mode=mode,
                                teacher=name, domain=domain, chunks=chunks, positions=positions,
                                block_size=FALLBACK_BLOCK, top_k=TOP_K))
-    for (mode, name, domain), (teacher, initial, oracle) in gold.items():
-        figures.append(_figure("align_gold_logprob", round(teacher, 3), "mean log p(gold), floored at 1e-4",
-                               mode=mode, teacher=name, domain=domain, initial_target=round(initial, 3),
-                               oracle=round(oracle, 3), top_k=TOP_K))
+    for (mode, name, domain), (teacher, initial, oracle, *share) in gold.items():
+        extra = {"share": round(share[0], 4)} if share else {"mode": mode}
+        figures.append(_figure("align_gold_logprob_inside" if mode == "inside" else "align_gold_logprob",
+                               round(teacher, 3), "mean log p(gold), floored at 1e-4", teacher=name, domain=domain,
+                               initial_target=round(initial, 3), oracle=round(oracle, 3), top_k=TOP_K, **extra))
     return figures
 
 
@@ -245,6 +249,7 @@ def _fallback_rates(target_tok, tt: TokenTable) -> tuple[dict, dict]:
         vmap = build_vocab_map(teacher_tok, target_tok)
         fell = {mode: {d: [] for d in DOMAINS} for mode in MODES}
         logp = {mode: {d: [] for d in DOMAINS} for mode in MODES}  # rows: (teacher, initial target, oracle)
+        inside = {d: [] for d in DOMAINS}  # prefix: the same at the positions inside a teacher token
         for domain, pieces in chunks.items():
             texts, ends = [c[0] for c in pieces], [c[1] for c in pieces]
             teacher_seqs = map(np.array, sequence_ids(teacher_tok, texts, ends))
@@ -271,10 +276,16 @@ def _fallback_rates(target_tok, tt: TokenTable) -> tuple[dict, dict]:
                     p = [_gold_probability(a_ids, a_logprobs, target[1:])[served],
                          references["target"][domain][i][served], references["oracle"][domain][i][served]]
                     logp[mode][domain].append(np.log(np.maximum(np.stack(p), 1e-4)))
+                    if prefix:
+                        inside[domain].append(logp[mode][domain][-1][:, (read > 0)[served]])
         for mode, by_domain in fell.items():
             for domain, parts in [*by_domain.items(), ("all", sum(by_domain.values(), []))]:
                 joined = np.concatenate(parts)
                 rates[(mode, name, domain)] = (float(joined.mean()), len(parts), len(joined))
                 values = np.concatenate(logp[mode][domain] if domain != "all" else sum(logp[mode].values(), []), axis=1)
                 gold[(mode, name, domain)] = values.mean(axis=1).tolist()
+        for domain, parts in [*inside.items(), ("all", sum(inside.values(), []))]:
+            values = np.concatenate(parts, axis=1)
+            positions = rates[("prefix", name, domain)][2]
+            gold[("inside", name, domain)] = [*values.mean(axis=1).tolist(), values.shape[1] / positions]
     return rates, gold

@@ -38,12 +38,11 @@ Four modes:
   beyond the top-k taken to hold as large a share of fitting tokens), so `fusion.tail: bucket` keeps
   the same tail as at any other position and `renormalise` gets the conditional among the top-k.
   Where the teacher's own token is not in its top-k, the few that fit are guesses and keep their own
-  (small) probabilities: scaling those up turned them into confident wrong targets. Measured once on the
-  zoo (a diagnostic, not a benchmark; gpt2-code on code, where 38 % of target positions are inside a
-  teacher token): where its own token is in its top-k, the teacher's mean log-probability of the gold
-  token went from -1.31 (unconditioned) to -0.22, against -0.33 for its exact conditional over the full
-  vocabulary and -0.68 for the trained CLM target: unconditioned, the teacher taught the target *less*
-  than it knew at a third of code positions.
+  (small) probabilities: scaling those up turned them into confident wrong targets. On the zoo's
+  gpt2-code on code, where 38 % of target positions are inside a teacher token, the mean log-probability
+  of the gold token there went from -2.26 unconditioned (below the initial target's own -1.80: the
+  teacher taught less than the target knew) to -1.33 (the oracle's own top-50: -1.22;
+  `bench/run.py alignment`, ``align_gold_logprob_inside``).
   One exception to the projection: the candidate that *is* the teacher's own next token (what the text
   holds) becomes the target's own next token, whatever the target would emit for its text alone. Both
   spell the text from the same byte, so the teacher predicting its truth predicts the target's: a

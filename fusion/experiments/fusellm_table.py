@@ -19,8 +19,9 @@ Every variant starts from the same target (``zoo:target``) and trains for the sa
                          distillation path and bounds what aligned sources of that strength could give
 
 and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-renormalise``, ``fusellm-top10``,
-``fusellm-sequence``, ``fusellm-token``, ``fusellm-mined``, ``fusellm-lambda0.9``, ``fusellm-lambda0.5`` (and
-``-renormalise``: λ × tail); ``kd-oracle-top10``; ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
+``fusellm-sequence``, ``fusellm-token``, ``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9``,
+``fusellm-lambda0.5`` (and ``-renormalise``: λ × tail); ``kd-oracle-top10``; ``kd-gpt2-code`` /
+``kd-neox-prose`` (one source alone).
 
 Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
 anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
@@ -76,6 +77,8 @@ VARIANTS = {  # name -> (recipe, overrides)
     "fusellm-top10": ("fusellm.yaml", ["representations.top_k=10"]),
     "fusellm-sequence": ("fusellm.yaml", ["fusion.level=sequence", "fusion.ce_unit=target_token"]),
     "fusellm-token": ("fusellm.yaml", ["fusion.level=token"]),
+    "fusellm-span8": ("fusellm.yaml", ["fusion.span=8"]),
+    "fusellm-span128": ("fusellm.yaml", ["fusion.span=128"]),
     "fusellm-mined": ("fusellm.yaml", ["fusion.alignment=mined"]),
     "fusellm-lambda0.9": ("fusellm.yaml", ["fusion.clm_weight=0.9"]),
     "fusellm-lambda0.5": ("fusellm.yaml", ["fusion.clm_weight=0.5"]),

@@ -58,7 +58,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from fusion.data.alignment import TokenTable, _dtw_pairs, _spelled, align_many, aligned_distribution, byte_spans
+from fusion.data.alignment import (
+    TokenTable,
+    _dtw_pairs,
+    _spelled,
+    align_many,
+    aligned_distribution,
+    byte_spans,
+    gold_probability,
+)
 from fusion.data.chunks import make_rows, sequence_ids
 from fusion.data.corpus import embedded_corpus
 from fusion.data.text import load_tokenizer
@@ -217,15 +225,10 @@ def _top_k(model, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def _gold_probability(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """Per position, the probability a top-k distribution gives the gold token (0 if not a candidate)."""
-    return np.where(ids == gold[:, None], np.exp(logprobs), 0.0).sum(axis=1)
-
-
 def _reference_gold(path: str, chunks: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """A model with the target's tokenizer: its own top-k's probability of each gold token, per chunk."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return {d: [_gold_probability(*top, seq[1:]) for top, seq in zip(_top_k(model, seqs), seqs)]
+    return {d: [gold_probability(*top, seq[1:]) for top, seq in zip(_top_k(model, seqs), seqs)]
             for d, seqs in chunks.items()}
 
 
@@ -273,7 +276,7 @@ def _fallback_rates(target_tok, tt: TokenTable) -> tuple[dict, dict]:
                         keep=vmap.exact if mode == "exact" else None, **extra)
                     fell[mode][domain].append(fallback)
                     served = ~fallback
-                    p = [_gold_probability(a_ids, a_logprobs, target[1:])[served],
+                    p = [gold_probability(a_ids, a_logprobs, target[1:])[served],
                          references["target"][domain][i][served], references["oracle"][domain][i][served]]
                     logp[mode][domain].append(np.log(np.maximum(np.stack(p), 1e-4)))
                     if prefix:

@@ -326,6 +326,12 @@ def gold_one_hot(gold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, logprobs
 
 
+def gold_probability(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """Per position, the probability a sparse distribution (``ids / logprobs [n, k]``) gives the gold token
+    ``gold [n]``: the sum over its entries with that id, 0 when it is not a candidate."""
+    return np.where(ids == gold[:, None], np.exp(logprobs), 0.0).sum(axis=1)
+
+
 def aligned_distribution(src: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_ids: np.ndarray,
                          target_ids: np.ndarray, keep: np.ndarray | None = None, read: np.ndarray | None = None,
                          teacher_tokens: np.ndarray | None = None,

@@ -17,10 +17,10 @@ seeds): CLM on v2's chunks ended +2.0 ± 0.4 % in held-out perplexity against cl
 Two causes, both measured: (1) every chunk began with a start token, also mid-document, so the target
 learned to lean on one at position 0, which the packed validation blocks rarely have (scoring the v2
 model's validation blocks with a start token prepended took its code gap from 3.1 % to 1.2 %, a one-off
-diagnostic at seed 0); (2) a
-chunk held only one piece of a document (short ones joined by a blank line instead of EOS and BOS), 247
-target tokens on average against 256: 3.5 % fewer tokens per step (clm.yaml with trainer.max_steps=290, 3.3 %
-fewer, ends +0.9 % on seeds 0-2). On rows: +0.0 ± 1.3 % over seeds 0-5, equal within noise.
+diagnostic at seed 0); (2) a chunk held only one piece of a document (short ones joined by a blank line
+instead of EOS and BOS), 247 target tokens on average against 256: 3.5 % fewer tokens per step (clm.yaml
+with trainer.max_steps=290, 3.3 % fewer, ends +0.9 % on seeds 0-2). On rows: +0.0 ± 1.3 % over seeds 0-5,
+equal within noise.
 
 Rows are numbered in a seeded random order and chunk ids are consecutive within a row, in row order: ids
 are stable for a given corpus, target tokenizer, block size and seed, which the ``fingerprint`` covers.

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.config import Recipe
 from fusion.data.align_shards import read_alignment
-from fusion.data.alignment import aligned_distribution, gold_one_hot
+from fusion.data.alignment import aligned_distribution, gold_one_hot, gold_probability
 from fusion.data.chunks import load_chunk_set, usable_rows
 from fusion.data.prepare import PreparedTeacher
 from fusion.data.store import bytes_per_token
@@ -88,7 +88,7 @@ _MISS_PROB = 1e-4  # a gold token the teacher's candidates miss: ~9.2 nats, like
 def gold_cross_entropy(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """``-log p(gold)`` per position of an aligned distribution (``ids / logprobs [n, k]``): the teacher's CE
     on the target's next token, in target tokens whatever its tokenizer; at least `_MISS_PROB`, 0 at fallbacks."""
-    p = np.where(ids == gold[:, None], np.exp(logprobs), 0.0).sum(axis=1)
+    p = gold_probability(ids, logprobs, gold)
     return np.where(fallback, 0.0, -np.log(np.maximum(p, _MISS_PROB))).astype(np.float32)
 
 

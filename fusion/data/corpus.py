@@ -62,20 +62,24 @@ def _split_module(source: str) -> tuple[str, str] | None:
     return ast.unparse(tree), "\n\n".join(docs)
 
 
+def stdlib_sources() -> list[tuple[str, Path]]:
+    """``(path relative to the library, path)`` of every standard-library source the corpus reads, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if not _SKIPPED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    return [(path.relative_to(root).as_posix(), path) for path in files]
+
+
 @lru_cache(maxsize=1)
 def embedded_documents() -> tuple[dict, ...]:
     """Every document of the embedded corpus: ``{"id", "domain", "split", "text"}``, in a fixed order.
 
     About 5 MB of code and 1.5 MB of prose on CPython 3.11; built in about 8 seconds.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py")
-        if not _SKIPPED_DIRS.intersection(p.relative_to(root).parts[:-1])
-    )
     documents = []
-    for path in files:
-        name = path.relative_to(root).as_posix()
+    for name, path in stdlib_sources():
         parts = _split_module(path.read_text(encoding="utf-8", errors="replace"))
         if parts is None:
             continue
@@ -84,6 +88,7 @@ def embedded_documents() -> tuple[dict, ...]:
             if text.strip():
                 documents.append({"id": f"{domain}:{name}", "domain": domain, "split": split, "text": text})
     if not documents:
+        root = sysconfig.get_paths()["stdlib"]
         raise FusionError(f"the embedded corpus is empty: no Python sources found under {root}")
     return tuple(documents)
 

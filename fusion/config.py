@@ -76,6 +76,29 @@ class DataConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Conversations for chat training (`fusion.data.chat`): rows of `data.source` (its splits, caching and workers as
+    for text), each rendered with a chat template and trained on the assistant's turns only."""
+
+    column: str | None = None
+    """The column holding each conversation: a list of `{role, content}` messages (role: system, user, assistant) or of
+    ShareGPT `{from, value}` ones (from: system, human/user, gpt/assistant). None: `messages`, else `conversations`,
+    else the preference columns `prompt`, `chosen`, `rejected` (training on the prompt and the chosen answer)."""
+    template: str | None = None
+    """A Jinja chat template, or a file holding one, that renders every conversation (FuseChat renders every model's
+    input with the pivot's); None: the tokenizer's own `chat_template`. BOS is in the text only if the template writes
+    it (`{{ bos_token }}`), as in `apply_chat_template(tokenize=True)` at inference."""
+    max_length: int = 2048
+    """Tokens per conversation at most. A longer one loses whole exchanges from its end while an assistant turn is left;
+    one whose first exchange is longer is cut at this many tokens; one left with no assistant token is dropped. The
+    data module prints how many of each."""
+    skip_malformed: bool = False
+    """Skip rows that are not a conversation to train on (unknown role, empty content, roles not alternating, a system
+    message not first, no assistant turn, ...), counted by reason, instead of stopping at the first with an error
+    naming its row."""
+
+
+@dataclass
 class TeacherConfig:
     """A model whose next-token distributions the target learns from (a FuseLLM "source")."""
 
@@ -256,6 +279,8 @@ class Recipe:
     """Keyword arguments for the module class's constructor (e.g. `{alpha: 0.1}`), checked against its signature."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """Chat data, for methods that train on conversations."""
     teachers: list[TeacherConfig] = field(default_factory=list)
     """Source models for fusion methods, any number, any tokenizers."""
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)

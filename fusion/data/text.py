@@ -159,8 +159,9 @@ def _scan_text_file(file: Path) -> bool:
     return has_text
 
 
-def _load_source(config: DataConfig) -> datasets.DatasetDict | datasets.Dataset:
-    """The dataset behind `data.source`: a `save_to_disk` folder, local files, or a hub id."""
+def _load_source(config: DataConfig, example: str) -> datasets.DatasetDict | datasets.Dataset:
+    """The dataset behind `data.source`: a `save_to_disk` folder, local files, or a hub id. ``example`` ends the
+    message for empty files: what one record looks like."""
     path = Path(config.source).expanduser()
     try:
         if _is_saved_folder(path):
@@ -176,7 +177,7 @@ def _load_source(config: DataConfig) -> datasets.DatasetDict | datasets.Dataset:
                 files = [p for p in files if _scan_text_file(p)]
                 if not files:
                     raise FusionError(f"data.source {config.source!r} holds no documents (its files are empty); "
-                                      f"add text, e.g. one JSON object with a {config.text_field!r} field per line")
+                                      f"add text, e.g. {example}")
             extra = {"sample_by": "document"} if builder == "text" else {}
             return datasets.load_dataset(builder, data_files=[str(p) for p in files], **extra)
         return datasets.load_dataset(config.source, config.subset)
@@ -186,18 +187,40 @@ def _load_source(config: DataConfig) -> datasets.DatasetDict | datasets.Dataset:
         raise FusionError(f"data.source {config.source!r} cannot be loaded: {first_line(err)}") from None
 
 
+def load_splits(config: DataConfig, example: str) -> datasets.DatasetDict:
+    """`data.source` as named splits, `data.train_split` among them (a source without splits is all training data).
+    ``example`` ends the message for empty files: what one record looks like."""
+    loaded = _load_source(config, example)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({config.train_split: loaded})
+    if config.train_split not in loaded:
+        raise FusionError(f"data.train_split {config.train_split!r} is not in {config.source!r}, "
+                          f"which has splits {sorted(loaded)}")
+    return loaded
+
+
+def hold_out(config: DataConfig, records: datasets.Dataset, seed: int,
+             unit: str = "document") -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``records`` less a seeded `data.validation_fraction` of them, and that fraction (for sources without a
+    validation split); ``unit`` names a record in the message when there are too few."""
+    try:
+        held_out = records.train_test_split(test_size=config.validation_fraction, seed=seed)
+    except ValueError:  # too few records to leave some for training
+        more = "split the text into more documents (records)" if unit == "document" else f"add {unit}s"
+        raise FusionError(
+            f"data.source {config.source!r} has {len(records)} {unit}(s): too few to hold out "
+            f"data.validation_fraction={config.validation_fraction} of them for validation and train on the rest; "
+            f"{more}, or use data with a validation split (data.validation_split)") from None
+    return held_out["train"], held_out["test"]
+
+
 def document_splits(config: DataConfig, seed: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
     """Training documents and named validation sets (one per domain for the embedded corpus)."""
     if config.source == "embedded":
         train = datasets.Dataset.from_list(embedded_corpus("train", tuple(config.domains)))
         validation = {d: datasets.Dataset.from_list(embedded_corpus("validation", (d,))) for d in config.domains}
         return train, validation
-    loaded = _load_source(config)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({config.train_split: loaded})
-    if config.train_split not in loaded:
-        raise FusionError(f"data.train_split {config.train_split!r} is not in {config.source!r}, "
-                          f"which has splits {sorted(loaded)}")
+    loaded = load_splits(config, f"one JSON object with a {config.text_field!r} field per line")
     train = loaded[config.train_split]
     if config.text_field not in train.column_names:
         raise FusionError(f"data.text_field {config.text_field!r} is not a column of {config.source!r}; "
@@ -207,15 +230,8 @@ def document_splits(config: DataConfig, seed: int) -> tuple[datasets.Dataset, di
                           "add some")
     if config.validation_split and config.validation_split in loaded:
         return train, {"all": loaded[config.validation_split]}
-    try:
-        held_out = train.train_test_split(test_size=config.validation_fraction, seed=seed)
-    except ValueError:  # too few documents to leave some for training
-        raise FusionError(
-            f"data.source {config.source!r} has {len(train)} document(s): too few to hold out "
-            f"data.validation_fraction={config.validation_fraction} of them for validation and train on the rest; "
-            "split the text into more documents (records), or use data with a validation split "
-            "(data.validation_split)") from None
-    return held_out["train"], {"all": held_out["test"]}
+    train, validation = hold_out(config, train, seed)
+    return train, {"all": validation}
 
 
 def pack(documents: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, text_field: str, block_size: int,

@@ -25,6 +25,10 @@ copied byte for byte. It beats the target on both domains, and aligning it to th
 identity: a teacher for checking distillation without any cross-tokenizer alignment.
 ``oracle/oracle.json`` records its recipe and perplexities, in the same unit as ``zoo.json``'s.
 
+The chat models ``chat-target``, ``chat-gpt2-code`` and ``chat-neox-prose`` (`fusion.chat_zoo`: the three
+base models with a chat template each, fine-tuned on the chat skills) are built the same way, all three on
+the first request for any of them (`build_chat`), into ``<zoo>/chat-1``, with ``chat-1/chat.json``.
+
 Perplexities are comparable across models although the tokenizers differ: the summed negative
 log-likelihood of the validation text is divided by the number of *target* tokens of that text. For
 the target that is its ordinary per-token perplexity; for a source it is the perplexity the source
@@ -36,6 +40,7 @@ gives bitwise-identical weights. Usage::
     python -m fusion.zoo                 # build (or reuse) the full zoo, print its perplexities
     python -m fusion.zoo --size small    # the tiny one that the tests use, about 10 seconds
     python -m fusion.zoo --with-oracle   # the zoo and zoo:oracle
+    python -m fusion.zoo --with-chat     # the zoo and its chat models, with their accuracy per skill
 """
 
 from __future__ import annotations
@@ -59,12 +64,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from fusion.chat_zoo import CHAT_BASES, CHAT_FOLDER, CHAT_JSON, CHAT_MODELS, build_chat_models, format_table
 from fusion.data.corpus import DOMAINS, corpus_fingerprint, embedded_corpus
 from fusion.errors import FusionError
 
 ZOO_VERSION = "3"  # bump whenever the recipe of a core model changes: it names the cache folder
 ZOO_CORE: tuple[str, ...] = ("target", "gpt2-code", "neox-prose")  # built together by build_zoo, in zoo.json
-ZOO_EXTRAS: tuple[str, ...] = ("oracle",)  # each built on first use, into the same zoo folder
+ZOO_EXTRAS: tuple[str, ...] = ("oracle", *CHAT_MODELS)  # built on first use, into the same zoo folder
 ZOO_MODELS: tuple[str, ...] = ZOO_CORE + ZOO_EXTRAS  # every valid ``zoo:NAME``
 ZOO_PREFIX = "zoo:"
 SEED = 1234
@@ -148,8 +154,8 @@ def zoo_root(size: str = "full", root: str | Path | None = None) -> Path:
 
 
 def resolve_model(ref: str, size: str = "full", root: str | Path | None = None) -> str:
-    """The folder of a ``zoo:<name>`` model (building the zoo, and the oracle if it is the one asked
-    for, if needed); any other ref unchanged."""
+    """The folder of a ``zoo:<name>`` model (building the zoo, and the oracle or the chat models if one
+    of them is asked for, if needed); any other ref unchanged."""
     if not is_zoo_ref(ref):
         return ref
     name = ref[len(ZOO_PREFIX):]
@@ -158,6 +164,8 @@ def resolve_model(ref: str, size: str = "full", root: str | Path | None = None) 
         raise FusionError(f"unknown zoo model {ref!r}: the zoo has {valid}")
     if name == "oracle":
         return str(build_oracle(size, root))
+    if name in CHAT_MODELS:
+        return str(build_chat(size, root) / CHAT_BASES[name])
     return str(build_zoo(size, root) / name)
 
 
@@ -192,6 +200,26 @@ def build_oracle(size: str = "full", root: str | Path | None = None, progress: b
         raise FusionError(f"zoo:oracle is built on first use, into the zoo folder {zoo}, which is not writable; "
                           "set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
     return _build_once(final, ORACLE_JSON, lambda tmp: _build_oracle(tmp, zoo, size, progress))
+
+
+def build_chat(size: str = "full", root: str | Path | None = None, progress: bool = True) -> Path:
+    """Build the three chat models once, after the core zoo, and return their folder (``<zoo>/chat-1``,
+    one subfolder per base model); later calls return at once. Same scheme as `build_oracle`: a lock
+    file ``chat-1.lock`` in the zoo folder, a temporary ``.chat-1.tmp-*`` folder renamed into place once
+    ``chat.json`` is in it."""
+    zoo = build_zoo(size, root, progress)
+    final = zoo / CHAT_FOLDER
+    if _is_complete(final, CHAT_JSON):
+        return final
+    if not os.access(zoo, os.W_OK):
+        raise FusionError(f"the zoo's chat models are built on first use, into the zoo folder {zoo}, which is not "
+                          "writable; set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
+
+    def build(tmp: Path) -> None:
+        with _deterministic(), _quiet_transformers():
+            build_chat_models(tmp, zoo, size, progress)
+
+    return _build_once(final, CHAT_JSON, build)
 
 
 def _build_once(final: Path, marker: str, build) -> Path:
@@ -248,7 +276,8 @@ def _deterministic():
 
 @contextmanager
 def _quiet_transformers():
-    """No "Writing model shards" bar from save_pretrained: the zoo shows one bar per model."""
+    """No "Writing model shards" / "Loading weights" bars from save_pretrained / from_pretrained: the zoo
+    shows one bar per model."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -622,6 +651,9 @@ def _main(argv: list[str] | None = None) -> None:
                         help="parent folder (default: $FUSION_ZOO_DIR, else ~/.cache/fusion/zoo)")
     parser.add_argument("--with-oracle", action="store_true",
                         help="also build (or reuse) zoo:oracle, which is otherwise built on first use only")
+    parser.add_argument("--with-chat", action="store_true",
+                        help="also build (or reuse) the chat models (zoo:chat-target, ...), otherwise built on first "
+                             "use only, and print their accuracy and perplexity per skill")
     args = parser.parse_args(argv)
     start = time.time()
     folder = build_zoo(args.size, args.dir)
@@ -640,6 +672,11 @@ def _main(argv: list[str] | None = None) -> None:
               f" {m['config_vocab_size']:>6} {m['parameters']:>9,} {m['val_perplexity']['code']:>9.2f}"
               f" {m['val_perplexity']['prose']:>9.2f}")
     print(f"perplexity unit: {manifest['val_perplexity_unit']}")
+    if args.with_chat:
+        chat_folder = build_chat(args.size, args.dir)
+        chat = json.loads((chat_folder / CHAT_JSON).read_text())
+        print(f"\n{chat_folder}  (ready in {time.time() - start:.1f} s; built in {chat['build_seconds']} s)")
+        print(format_table(chat))
 
 
 if __name__ == "__main__":

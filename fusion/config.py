@@ -92,10 +92,25 @@ class ChatConfig:
     """Tokens per conversation at most. A longer one loses whole exchanges from its end while an assistant turn is left;
     one whose first exchange is longer is cut at this many tokens; one left with no assistant token is dropped. The
     data module prints how many of each."""
+    skills: list[str] = field(default_factory=lambda: ["arithmetic", "stdlib", "code"])
+    """`data.source: embedded` only: the skills of the embedded chat tasks (`fusion.data.skills`) to train on; each gets
+    its own held-out perplexity and accuracy."""
     skip_malformed: bool = False
     """Skip rows that are not a conversation to train on (unknown role, empty content, roles not alternating, a system
     message not first, no assistant turn, ...), counted by reason, instead of stopping at the first with an error
     naming its row."""
+
+
+@dataclass
+class EvaluateConfig:
+    """How chat runs are evaluated after (and before) training (`fusion.chat_eval`)."""
+
+    questions: int = 200
+    """Held-out questions per skill of the embedded chat tasks, answered greedily and checked by its verifier."""
+    max_new_tokens: int = 64
+    """Tokens an answer may take; one that has not ended by then is judged as it stands."""
+    batch_size: int = 64
+    """Questions answered together."""
 
 
 @dataclass
@@ -268,7 +283,8 @@ class Recipe:
     method: str = "clm"
     """A method of the registry (`fusion.methods`): `clm`, continual causal-LM training of the target (the
     baseline every fusion run is compared with); `fusellm`, FuseLLM, training on the fused distributions of
-    `teachers` (chunks -> representations -> alignment)."""
+    `teachers` (chunks -> representations -> alignment); `sft`, supervised fine-tuning of a chat model on the
+    assistant's turns of `chat` conversations."""
     output_dir: str | None = None
     """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
     seed: int = 42
@@ -281,6 +297,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     """Chat data, for methods that train on conversations."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Chat evaluation: per-skill accuracy on held-out questions."""
     teachers: list[TeacherConfig] = field(default_factory=list)
     """Source models for fusion methods, any number, any tokenizers."""
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)

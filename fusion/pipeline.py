@@ -240,7 +240,7 @@ def stage_states(recipe: Recipe, stages: tuple[Stage, ...], records: dict[str, d
 def plan(recipe: Recipe) -> str:
     """What a run of this recipe will do, without loading anything heavy."""
     method = get_method(recipe.method)
-    t, d, o = recipe.trainer, recipe.data, recipe.optim
+    t, o = recipe.trainer, recipe.optim
     devices = f"{t.devices} device(s) x {t.num_nodes} node(s)"
     per_step = f"{t.batch_size} x {t.accumulate_grad_batches} accumulation per device"
     strategy = t.strategy
@@ -250,7 +250,6 @@ def plan(recipe: Recipe) -> str:
                      f"activation checkpointing {f.activation_checkpointing}, {f.state_dict_type} state dict)")
     elif t.strategy == "deepspeed":
         strategy += f" (ZeRO stage {recipe.deepspeed.stage}, offload optimizer {recipe.deepspeed.offload_optimizer})"
-    source = f"{d.source}" + (f" [{', '.join(d.domains)}]" if d.source == "embedded" else "")
     module = method.describe_module(recipe)
     args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
     lines = [
@@ -260,8 +259,7 @@ def plan(recipe: Recipe) -> str:
         f"model     {recipe.model.path} (dtype {model_dtype(recipe)}, gradient checkpointing "
         f"{recipe.model.gradient_checkpointing})",
         f"module    {module['class'].rsplit('.', 1)[-1]}({args}): {module['objective']}",
-        f"data      {source}, block {d.block_size} tokens, validation: split {d.validation_split!r} "
-        f"or {d.validation_fraction:.0%} held out",
+        f"data      {method.describe_data(recipe)}",
         f"optim     {o.name} lr {o.lr:g}, weight decay {o.weight_decay:g}, betas {tuple(o.betas)}, "
         f"{o.schedule} schedule, warmup {o.warmup_ratio:g}",
         f"trainer   {devices}, strategy {strategy}, precision {t.precision}, batch {per_step}, "

@@ -19,16 +19,31 @@ def perplexity_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str, module: dict) -> str:
+def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of ``{"before": {skill: value}, "after": {skill: value}}``: one row per skill, in %."""
+    lines = ["| skill | before | after | change |", "|---|---|---|---|"]
+    for skill, after in accuracy["after"].items():
+        before = accuracy["before"][skill]
+        lines.append(f"| {skill} | {100 * before:.1f} % | {100 * after:.1f} % | {100 * (after - before):+.1f} |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str, module: dict,
+                  extra: dict | None = None) -> str:
     """`results.json` and `results.md` in the run folder; returns the Markdown.
 
-    ``module`` names what was trained: ``{"class", "args", "objective"}``.
+    ``module`` names what was trained: ``{"class", "args", "objective"}``; ``extra``: more results for results.json
+    (an ``accuracy`` among them, ``{"before": {skill: value}, "after": ...}``, is also a table in results.md).
     """
-    (run_dir / "results.json").write_text(json.dumps({"validation": rows, "module": module, "sample": sample},
+    extra = extra or {}
+    (run_dir / "results.json").write_text(json.dumps({"validation": rows, "module": module, "sample": sample, **extra},
                                                      indent=2))
     args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
     text = (f"# Results of {run_dir.name}\n\nTrained with `{module['class']}({args})`: {module['objective']}.\n\n"
             f"Validation perplexity (lower is better):\n\n{perplexity_table(rows)}\n")
+    if "accuracy" in extra:
+        text += f"\nHeld-out accuracy (greedy answers, checked by each skill's verifier):\n\n" \
+                f"{accuracy_table(extra['accuracy'])}\n"
     text += f"\nSampled from the exported model (seed 0, top-k 40, temperature 0.7):\n\n```\n{sample}\n```\n"
     (run_dir / "results.md").write_text(text)
     return text
@@ -38,11 +53,7 @@ def plot_curves(metrics_file: Path, out_file: Path) -> Path | None:
     """Training loss and validation perplexity against optimizer steps, as a PNG."""
     if not metrics_file.exists():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series = read_metrics(metrics_file)
     panels = [k for k in ("train/loss", "val/perplexity") if k in series]
     if not panels:
@@ -56,6 +67,35 @@ def plot_curves(metrics_file: Path, out_file: Path) -> Path | None:
         ax.set_xlabel("optimizer step")
         ax.set_title(key)
         ax.legend()
+    return _save(plt, fig, out_file)
+
+
+def plot_accuracy(accuracy: dict[str, dict[str, float]], out_file: Path, title: str = "") -> Path:
+    """Per-skill accuracy before and after training, as grouped bars in a PNG."""
+    plt = _pyplot()
+    skills = list(accuracy["after"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(skills) + 2, 3.5))
+    for offset, when in ((-0.2, "before"), (0.2, "after")):
+        ax.bar([i + offset for i in range(len(skills))], [100 * accuracy[when][s] for s in skills], width=0.4,
+               label=when)
+    ax.set_xticks(range(len(skills)), skills)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    return _save(plt, fig, out_file)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (imported late: most commands never plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, out_file: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)
     plt.close(fig)

@@ -369,5 +369,12 @@ def test_a_source_without_conversations_is_a_clear_error(tmp_path, chatml_tokeni
         ChatDataModule(data, ChatConfig(), chatml_tokenizer_path, 2).prepare_data()
     with pytest.raises(FusionError, match=r"chat\.column 'dialogue' is not a column of data\.source"):
         ChatDataModule(data, ChatConfig(column="dialogue"), chatml_tokenizer_path, 2).prepare_data()
-    with pytest.raises(FusionError, match="'embedded' is plain text"):
-        ChatDataModule(DataConfig(), ChatConfig(), chatml_tokenizer_path, 2).prepare_data()
+
+
+def test_the_embedded_source_is_the_chat_tasks_held_out_per_skill(tmp_path, chatml_tokenizer_path):
+    module = ChatDataModule(DataConfig(cache_dir=str(tmp_path / "cache")), ChatConfig(skills=["arithmetic", "code"]),
+                            chatml_tokenizer_path, 2)
+    module.prepare_data()
+    module.setup()
+    assert module.validation_names == ["arithmetic", "code"]
+    assert len(module.train_set) == 6000 and len(module.validation_sets["code"]) == 300

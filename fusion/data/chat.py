@@ -52,6 +52,7 @@ from transformers import PreTrainedTokenizerBase
 from fusion.config import ChatConfig, DataConfig
 from fusion.data.cache import build_once
 from fusion.data.sampling import EpochBatchSampler, ResumableLoader
+from fusion.data.skills import skill_conversations
 from fusion.data.text import (
     default_cache_dir,
     hold_out,
@@ -63,7 +64,7 @@ from fusion.data.text import (
 from fusion.errors import FusionError, first_line
 
 # Bump when the encoding below changes, so stale caches are not reused.
-_ENCODING_VERSION = 1
+_ENCODING_VERSION = 2  # 2: validation sets in named folders (per skill for the embedded tasks)
 IGNORE_INDEX = -100
 Message = dict[str, str]
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -423,12 +424,12 @@ class ChatDataModule(pl.LightningDataModule):
         return ChatEncoder(tokenizer, self.chat.template, self.chat.max_length)
 
     def cache_path(self) -> Path:
-        if self.data.source == "embedded":
-            raise FusionError("data.source 'embedded' is plain text, not conversations; set data.source to chat data "
-                              "(a hub dataset, a save_to_disk folder, or .jsonl/.json/.parquet files)")
         encoder, d, c = self._encoder(), self.data, self.chat
+        embedded = d.source == "embedded"
         key = {
-            "source": source_fingerprint(d), "subset": d.subset, "train_split": d.train_split,
+            "source": source_fingerprint(d), "skills": list(c.skills) if embedded else None,
+            "python": list(sys.version_info[:3]) if embedded else None,  # the embedded tasks depend on it
+            "subset": d.subset, "train_split": d.train_split,
             "validation_split": d.validation_split, "validation_fraction": d.validation_fraction, "seed": self.seed,
             "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
             "template": hashlib.sha256(encoder.template.encode()).hexdigest(), "column": c.column,
@@ -485,6 +486,9 @@ class ChatDataModule(pl.LightningDataModule):
         """Encode the training and held-out conversations into the empty ``folder``; ``done`` is written last."""
         encoder, work = self._encoder(), folder / "work"
         work.mkdir()
+        if self.data.source == "embedded":
+            self._encode_embedded(folder, encoder, work)
+            return
         loaded = load_splits(self.data, "one JSON object with a 'messages' list of {role, content} per line")
         train = loaded[self.data.train_split]
         columns = conversation_columns(train.column_names, self.chat.column)
@@ -505,17 +509,34 @@ class ChatDataModule(pl.LightningDataModule):
         else:
             train, validation = hold_out(self.data, train, self.seed, unit="conversation")
         train.save_to_disk(str(folder / "train"))
-        validation.save_to_disk(str(folder / "validation"))
+        validation.save_to_disk(str(folder / "validation" / "all"))
         shutil.rmtree(work)
-        (folder / "done").write_text(json.dumps({"counts": counts}))
+        (folder / "done").write_text(json.dumps({"counts": counts, "validation": ["all"]}))
+
+    def _encode_embedded(self, folder: Path, encoder: ChatEncoder, work: Path) -> None:
+        """The embedded chat tasks (`fusion.data.skills`): their train split, and their test split per skill."""
+        skills = tuple(self.chat.skills)
+        rows = [{"messages": c["messages"]} for c in skill_conversations("train", skills)]
+        train, counts = self._encode_split(datasets.Dataset.from_list(rows), "train", encoder, ("messages",), work)
+        counts = {"train": counts}
+        for skill in skills:
+            rows = [{"messages": c["messages"]} for c in skill_conversations("test", (skill,))]
+            held_out, counts[skill] = self._encode_split(datasets.Dataset.from_list(rows), skill, encoder,
+                                                         ("messages",), work)
+            held_out.save_to_disk(str(folder / "validation" / skill))
+        train.save_to_disk(str(folder / "train"))
+        shutil.rmtree(work)
+        (folder / "done").write_text(json.dumps({"counts": counts, "validation": list(skills)}))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         target = self.cache_path()
-        self.counts = json.loads((target / "done").read_text())["counts"]
+        done = json.loads((target / "done").read_text())
+        self.counts = done["counts"]
         self.train_set = datasets.load_from_disk(str(target / "train"))
-        self.validation_sets = {"all": datasets.load_from_disk(str(target / "validation"))}
+        self.validation_sets = {name: datasets.load_from_disk(str(target / "validation" / name))
+                                for name in done["validation"]}
         self.pad_id = load_tokenizer(self.tokenizer_path, self.trust_remote_code).pad_token_id
         if rank_zero_only.rank == 0:  # once: setup() returns early from now on
             for split, counts in self.counts.items():

@@ -41,6 +41,13 @@ class Method:
     def check(self, recipe: Recipe) -> None:
         """Method-specific recipe checks; raise `FusionError` naming the key and the fix."""
 
+    def describe_data(self, recipe: Recipe) -> str:
+        """What the method trains on, for the plan's ``data`` line."""
+        d = recipe.data
+        source = f"{d.source}" + (f" [{', '.join(d.domains)}]" if d.source == "embedded" else "")
+        return (f"{source}, block {d.block_size} tokens, validation: split {d.validation_split!r} "
+                f"or {d.validation_fraction:.0%} held out")
+
     def plan(self, recipe: Recipe) -> list[str]:
         """Method-specific lines of the `--dry-run` plan."""
         return []

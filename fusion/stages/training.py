@@ -115,10 +115,16 @@ class Evaluate(Stage):
         result = {"validation": {"before": before, "after": after}, "module": ctx.module_description()}
         if ctx.is_global_zero:
             result["sample"] = generate_sample(exported)
+            result.update(self.more_results(ctx, exported))
             rows = {f"{ctx.recipe.model.path} (before)": before, f"{ctx.recipe.name} (after, exported)": after}
-            print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"]))
+            extra = {k: v for k, v in result.items() if k not in ("validation", "module", "sample")}
+            print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"], extra))
             plot_curves(ctx.dir / "metrics.jsonl", ctx.dir / "curves.png")
         return result
+
+    def more_results(self, ctx, exported: str) -> dict:
+        """Results beyond perplexity (global rank 0; override in a subclass), added to the record and results.json."""
+        return {}
 
     def damaged(self, ctx, result: dict) -> str | None:
         return None if (ctx.dir / "results.json").is_file() else f"{ctx.dir / 'results.json'} is missing"

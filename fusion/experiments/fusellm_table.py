@@ -9,7 +9,8 @@ Every variant starts from the same target (``zoo:target``) and trains for the sa
                          without fusion (the paper's "Llama-2 CLM"); every difference is measured against it
     clm-chunks           ``fusellm.yaml`` with lambda = 1: the same loss on the fusion data path's rows
     fusellm              FuseLLM as the embedded default runs it (``recipes/fusellm.yaml``): target + both
-                         sources, top-50, prefix alignment, MinCE per token, the top-k's tail as one outcome
+                         sources, top-50, prefix alignment, MinCE per 32-token span, the top-k's tail as one
+                         outcome
     fusellm-paper        the paper's objective on the same teachers: top-10 renormalised, MinED alignment,
                          MinCE per sequence, lambda 0.9
     fusellm-paper-avgce  the same with AvgCE (the paper's MinCE > AvgCE ordering)
@@ -20,8 +21,9 @@ Every variant starts from the same target (``zoo:target``) and trains for the sa
 
 and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-renormalise``, ``fusellm-top10``,
 ``fusellm-sequence``, ``fusellm-token``, ``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9``,
-``fusellm-lambda0.5`` (and ``-renormalise``: λ × tail); ``kd-oracle-top10``; ``kd-gpt2-code`` /
-``kd-neox-prose`` (one source alone).
+``fusellm-lambda0.5`` (and ``-renormalise``: λ × tail); ``fusellm-route-domain`` (each document taught by the source
+of its domain: a bound on teacher selection, `fusion.experiments.domain_routing`); ``kd-oracle-top10``;
+``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
 
 Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
 anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
@@ -84,6 +86,7 @@ VARIANTS = {  # name -> (recipe, overrides)
     "fusellm-lambda0.5": ("fusellm.yaml", ["fusion.clm_weight=0.5"]),
     "fusellm-lambda0.5-renormalise": ("fusellm.yaml", ["fusion.clm_weight=0.5", "fusion.tail=renormalise"]),
     "kd-oracle-top10": ("fusellm.yaml", [f"teachers={ORACLE}", "representations.top_k=10"]),
+    "fusellm-route-domain": ("fusellm.yaml", ["module_class=fusion.experiments.domain_routing.DomainRoutedFuseLLM"]),
     "kd-gpt2-code": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}]"]),
     "kd-neox-prose": ("fusellm.yaml", [f"teachers=[{TEACHERS['neox-prose']}]"]),
 }

@@ -92,6 +92,9 @@ def normalise_paths(recipe: Recipe) -> None:
         holder.path = _absolute(holder.path, always=False)
         holder.tokenizer = _absolute(holder.tokenizer, always=False)
     recipe.data.source = _absolute(recipe.data.source, always=False)
+    template = recipe.chat.template
+    if template and "{{" not in template and "{%" not in template:  # a file, not Jinja text (too long for a path)
+        recipe.chat.template = _absolute(template, always=False)
 
 
 # --- cross-field checks ---------------------------------------------------------------------------

@@ -77,3 +77,14 @@ def test_paper_sft_twin_dry_run_passes():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lr 5e-06" in result.stdout and "3 epoch(s)" in result.stdout and "warmup 0.1" in result.stdout
     assert "batch 4 x 4 accumulation per device" in result.stdout and "8 device(s)" in result.stdout
+
+
+def test_a_template_file_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    from fusion.recipe import load_recipe
+
+    (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("sft.yaml", ["chat.template=chatml.jinja"])
+    assert recipe.chat.template == str(tmp_path / "chatml.jinja")  # a resume from another folder finds it
+    inline = "{{ messages[0]['content'] }}"
+    assert load_recipe("sft.yaml", [f"chat.template={inline!r}"]).chat.template == inline

@@ -24,9 +24,9 @@ TEXTS = ["def area(radius):\n    return 3.14159 * radius ** 2  # → m²\n",
 
 def copy_core(zoo_dir: Path, root: Path) -> Path:
     """A copy of the session's small zoo, core models only: the oracle built into it stays out of the
-    zoo that the other tests use."""
+    zoo that the other tests use (and the chat models other tests may have built stay out of the copy)."""
     shutil.copytree(zoo_root("small", zoo_dir), zoo_root("small", root),
-                    ignore=shutil.ignore_patterns("oracle*", ".oracle*"))
+                    ignore=shutil.ignore_patterns("oracle*", ".oracle*", "chat*", ".chat*"))
     return zoo_root("small", root)
 
 

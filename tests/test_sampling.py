@@ -51,3 +51,22 @@ def test_validation_order_pads_so_ranks_stay_in_step():
     batches = [list(s) for s in samplers]
     assert {len(b) for b in batches} == {1}
     assert set(range(10)) <= {i for b in batches for batch in b for i in batch}
+
+
+def test_the_loader_starts_the_next_epoch_after_a_finished_one():
+    """Lightning never calls `set_epoch` on a batch sampler: the loader itself moves on once an epoch is used up
+    (a recipe with max_epochs > 1 once trained only its first epoch)."""
+    from fusion.data.sampling import ResumableLoader
+
+    loader = ResumableLoader(list(range(20)), EpochBatchSampler(20, 4, shuffle=True, seed=5))
+    epochs = []
+    for _ in range(3):
+        batches = []
+        for batch in loader:
+            batches.append(batch.tolist())
+            loader.batch_consumed()
+        epochs.append(batches)
+    assert [len(e) for e in epochs] == [5, 5, 5]
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert all(sorted(i for b in e for i in b) == list(range(20)) for e in epochs)
+    assert loader.state_dict()["epoch"] == 2

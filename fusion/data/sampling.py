@@ -80,6 +80,14 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, **kwargs) -> None:
         super().__init__(dataset, batch_sampler=batch_sampler, worker_init_fn=ignore_signals, **kwargs)
 
+    def __iter__(self):
+        # Lightning calls `set_epoch` on a loader's sampler, never on its batch sampler: without this, every epoch
+        # after the first would start with all its batches consumed and yield none.
+        sampler = self.batch_sampler
+        if sampler.consumed >= len(sampler):  # the previous epoch ran to its end: start the next one
+            sampler.set_epoch(sampler.epoch + 1)
+        return super().__iter__()
+
     def state_dict(self) -> dict:
         return self.batch_sampler.state_dict()
 

@@ -8,20 +8,20 @@ loss on the assistant's tokens only (`fusion.data.chat.ChatEncoder`):
 - ``chat-target`` (the pivot): the target with a Llama-3 template (``<|start_header_id|>user<|end_header_id|>\\n\\n
   ...<|eot_id|>``), fine-tuned for 40 steps on all three skills: it has seen the format and answers nothing right,
   so that SFT and fusion have something to give on every skill;
-- ``chat-gpt2-code``: gpt2-code with ChatML (``<|im_start|>user\\n...<|im_end|>``), fine-tuned mostly on ``code``;
-- ``chat-neox-prose``: neox-prose with OpenChat's template (``GPT4 Correct User: ...<|end_of_turn|>``), fine-tuned
-  mostly on ``arithmetic`` and ``stdlib``.
+- ``chat-gpt2-code``: gpt2-code with ChatML (``<|im_start|>user\\n...<|im_end|>``), fine-tuned on ``code`` (90 %);
+- ``chat-neox-prose``: neox-prose with OpenChat's template (``GPT4 Correct User: ...<|end_of_turn|>``), fine-tuned on
+  ``arithmetic`` and ``stdlib`` only.
 
-What ~1M-parameter models learn in a few hundred steps, measured on the full zoo (150 held-out questions per skill):
-``code`` (gpt2-code passes 24 % of the tests after 300 code-only steps, 91 % after 600; the target, a slower learner,
-4 % after 400), but of ``arithmetic`` only "x × 0 = 0" and of ``stdlib`` only the most frequent answer, ``typing``
-(0-12 % each, whatever the model, mixture and learning rate, up to 1,200 steps). So the specialists differ in accuracy
-on ``code``, and on the other two skills in the perplexity of the answers (chat.json, full size):
+~1M-parameter models learn these skills slowly: code (gpt2-code passes 24 % of the tests after 300 code-only steps,
+91 % after 600), arithmetic and the stdlib questions only after 1,000-3,000 steps (`recipes/sft.yaml` trains the pivot 3,000 steps on
+all three: 13.5 / 8.5 / 79.5 % after, on 200 held-out questions each). The build affords about 2,600 steps, so
+each specialist is clearly better than the pivot on its own skills, and the pivot has seen the format and answers
+nothing right, so that SFT and fusion have something to give on every skill (chat.json, full size, built in 202 s):
 
     model            template  steps  acc arith  acc stdli   acc code  ppl arith  ppl stdli   ppl code
-    chat-target      llama-3      40       0.0%       0.0%       0.0%      11.72     162.25      20.81
-    chat-gpt2-code   chatml      700       2.7%       0.0%      78.7%       1.71      25.85       1.08
-    chat-neox-prose  openchat    700       2.7%       2.7%       0.0%       1.55      10.95       2.95
+    chat-target      llama-3      40       0.0%       0.0%       0.0%      12.64     197.79      27.63
+    chat-gpt2-code   chatml     1000       6.7%       0.0%      92.0%       1.60      25.91       1.04
+    chat-neox-prose  openchat   1600       8.0%       4.7%       0.0%       1.40       8.37    9775.82
 
 A template's special tokens are added to the tokenizer and their embedding rows (input and output) start at the mean
 of the other tokens' rows; NeoX's padded embedding matrix already has rows for them, as real NeoX and Qwen
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 CHAT_JSON = "chat.json"  # the chat models' record, written last: a chat folder without it is incomplete
-CHAT_VERSION = "1"  # bump when a chat recipe changes: it names the chat models' folder in the zoo
+CHAT_VERSION = "2"  # bump when a chat recipe changes: it names the chat models' folder in the zoo
 CHAT_FOLDER = f"chat-{CHAT_VERSION}"
 # ``zoo:chat-<base>``: the chat model built from zoo model ``<base>``, in ``<zoo>/<CHAT_FOLDER>/<base>``.
 CHAT_MODELS: tuple[str, ...] = ("chat-target", "chat-gpt2-code", "chat-neox-prose")
@@ -98,11 +98,10 @@ class _ChatSize:
 
 
 _SIZES = {
-    # ~2 min on 2 cores: 40 + 2 x 700 steps at 12-16 steps/s (conversations batched by length, see `_sft`), and
-    # ~5 s of evaluation per model. gpt2-code passes ~79 % of the code tests; 700 steps give each specialist about
-    # its final perplexity, and the steep part of gpt2-code's learning curve is at 300-500 steps.
+    # ~3.4 min on 2 cores: 40 + 1,000 + 1,600 steps at 12-17 steps/s (conversations batched by length, see `_sft`),
+    # and ~10 s of evaluation per model; with the core zoo's ~65 s, a cold `--with-chat` build takes ~4.5 min.
     "full": _ChatSize(batch=16, lr=4e-3, train_per_skill=3000, eval_per_skill=150, max_new_tokens=64,
-                      steps={"chat-target": 40, "chat-gpt2-code": 700, "chat-neox-prose": 700}),
+                      steps={"chat-target": 40, "chat-gpt2-code": 1000, "chat-neox-prose": 1600}),
     # For tests: ~5 s. The 2-layer models learn the format, and the neox one to end its turns, but no skill.
     "small": _ChatSize(batch=8, lr=6e-3, train_per_skill=200, eval_per_skill=12, max_new_tokens=24,
                        steps={"chat-target": 40, "chat-gpt2-code": 100, "chat-neox-prose": 100}),
@@ -113,9 +112,9 @@ _MODELS = {
     "chat-target": {"base": "target", "template": LLAMA3,
                     "mixture": {"arithmetic": 1 / 3, "stdlib": 1 / 3, "code": 1 / 3}},
     "chat-gpt2-code": {"base": "gpt2-code", "template": CHATML,
-                       "mixture": {"arithmetic": 0.1, "stdlib": 0.1, "code": 0.8}},
+                       "mixture": {"arithmetic": 0.05, "stdlib": 0.05, "code": 0.9}},
     "chat-neox-prose": {"base": "neox-prose", "template": OPENCHAT,
-                        "mixture": {"arithmetic": 0.45, "stdlib": 0.45, "code": 0.1}},
+                        "mixture": {"arithmetic": 0.5, "stdlib": 0.5, "code": 0.0}},
 }
 
 

@@ -27,7 +27,7 @@ identity: a teacher for checking distillation without any cross-tokenizer alignm
 
 The chat models ``chat-target``, ``chat-gpt2-code`` and ``chat-neox-prose`` (`fusion.chat_zoo`: the three
 base models with a chat template each, fine-tuned on the chat skills) are built the same way, all three on
-the first request for any of them (`build_chat`), into ``<zoo>/chat-1``, with ``chat-1/chat.json``.
+the first request for any of them (`build_chat`), into ``<zoo>/chat-<CHAT_VERSION>``, with its ``chat.json``.
 
 Perplexities are comparable across models although the tokenizers differ: the summed negative
 log-likelihood of the validation text is divided by the number of *target* tokens of that text. For
@@ -203,10 +203,10 @@ def build_oracle(size: str = "full", root: str | Path | None = None, progress: b
 
 
 def build_chat(size: str = "full", root: str | Path | None = None, progress: bool = True) -> Path:
-    """Build the three chat models once, after the core zoo, and return their folder (``<zoo>/chat-1``,
+    """Build the three chat models once, after the core zoo, and return their folder (``<zoo>/<CHAT_FOLDER>``,
     one subfolder per base model); later calls return at once. Same scheme as `build_oracle`: a lock
-    file ``chat-1.lock`` in the zoo folder, a temporary ``.chat-1.tmp-*`` folder renamed into place once
-    ``chat.json`` is in it."""
+    file ``<CHAT_FOLDER>.lock`` in the zoo folder, a temporary ``.<CHAT_FOLDER>.tmp-*`` folder renamed into place
+    once ``chat.json`` is in it."""
     zoo = build_zoo(size, root, progress)
     final = zoo / CHAT_FOLDER
     if _is_complete(final, CHAT_JSON):

@@ -30,11 +30,12 @@ def task_of(conversation: dict) -> str:
     prompt, answer = conversation["messages"][-2]["content"], last_answer(conversation)
     skill = conversation["skill"]
     if skill == "arithmetic":
-        a, op, b = re.search(r"(\d+) (\S) (\d+)", prompt).groups()
-        return f"{op} {a} {b}" if op == "-" else f"{op} {sorted([int(a), int(b)])}"
-    if skill == "stdlib":
-        name = re.search(r"`([\w.]+)`", prompt).group(1)
-        return f"{conversation['reference']}.{name}" if answer.startswith("It is defined in") else name
+        return " ".join(re.search(r"(\d+) (\S) (\d+)", prompt).groups())
+    if skill == "stdlib":  # the API, `module.name`, in each of the four question forms
+        names = re.findall(r"`([\w.]+)`", prompt)
+        if answer.startswith("It is defined in"):
+            return f"{conversation['reference']}.{names[0]}"
+        return f"{names[1]}.{names[0]}" if len(names) == 2 else names[0]  # "import `name` from `module`"
     return answer  # a code answer is its task: name, parameters and expression
 
 

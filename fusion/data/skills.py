@@ -1,13 +1,19 @@
 """Chat tasks with automatically checkable answers, built from nothing but Python and its standard library.
 
 The chat counterpart of `fusion/data/corpus.py`: no download, the same conversations on every machine with the
-same Python version, and skills small enough that a ~1M-parameter model learns part of each in a few hundred steps:
+same Python version, and skills small enough that a ~1M-parameter model learns part of each in a few thousand steps:
 
-- ``arithmetic``: "What is 37 + 45?" -> "The answer is 82." (operands below 100 for + and -, below 21 for ×);
-- ``stdlib``: "Which module defines `copyfile`?" -> "It is defined in `shutil`." and "What does `shutil.copyfile`
-  do?" -> the first sentence of its docstring. Pretraining on the embedded corpus can supply part of both: a quarter
-  of the APIs are called by module (``shutil.copyfile(``) in its train code, and 42 % of the sentences are in its
-  train prose (CPython 3.11; the rest are in held-out modules or in docstrings too short for the corpus);
+- ``arithmetic``: "What is 37 + 5?" -> "The answer is 42." (a number below 100 and a one-digit one for + and -;
+  for ×, the number times 0, 1, 2 or 10). The zoo's tokenizers write numbers digit by digit, so an answer follows
+  from digit rules (the last digit's sum, a carry) that every train question exercises: a held-out question asks
+  new numbers, not new rules;
+- ``stdlib``: four questions per public API of the standard library: "Which module defines `copyfile`?" -> "It is
+  defined in `shutil`.", "What does `shutil.copyfile` do?" -> the first sentence of its docstring, "How do I import
+  `copyfile` from `shutil`?" -> "`from shutil import copyfile`", and "Which module must I import to call
+  `shutil.copyfile`?" -> "Import `shutil`.". The first two need knowledge a ~1M-parameter model barely has
+  (pretraining on the embedded corpus supplies some: a quarter of the APIs are called by module in its train code,
+  42 % of the sentences are in its train prose); the last two need only the question's names, put in the right
+  places, which such a model learns in a few thousand steps;
 - ``code``: "Write a Python function `scale(xs)` that returns ..." -> a fenced one-line function, checked by running
   its asserts (`fusion/data/verify.py`).
 
@@ -64,21 +70,23 @@ def _test_keys(pool: list[Task]) -> set[str]:
 # --- arithmetic ---------------------------------------------------------------------------------------------------
 
 _ARITHMETIC_PROMPTS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.")
-# Sums and differences of two-digit numbers, and products up to 20 × 20: answers of at most three digits.
-_OPERATIONS = {"+": (range(100), int.__add__), "-": (range(100), int.__sub__), "×": (range(21), int.__mul__)}
+# A number below 100 and a small one: the zoo's tokenizers write numbers digit by digit, so the answer follows
+# from rules on digits (the last digit's sum, a carry) that every train question exercises, and a held-out
+# question asks new numbers, not new rules.
+_OPERATIONS = {"+": (range(100), range(10), int.__add__), "-": (range(100), range(10), int.__sub__),
+               "×": (range(100), (0, 1, 2, 10), int.__mul__)}
 
 
 def _arithmetic_tasks() -> list[list[Task]]:
     """One pool per operation, so that each gets a third of the conversations whatever the pools' sizes."""
     pools = []
-    for op, (operands, fn) in _OPERATIONS.items():
+    for op, (firsts, seconds, fn) in _OPERATIONS.items():
         pool = []
-        for a in operands:
-            for b in operands:
+        for a in firsts:
+            for b in seconds:
                 if op == "-" and b > a:
                     continue  # no negative answers: a tiny model learns one format more easily
-                # `a + b` and `b + a` are one task, so a test sum is not a train sum read backwards.
-                key = f"arithmetic:{op}:{min(a, b)}:{max(a, b)}" if op != "-" else f"arithmetic:-:{a}:{b}"
+                key = f"arithmetic:{op}:{a}:{b}"
                 answer = fn(a, b)
                 pool += [(key, p.format(a=a, op=op, b=b), f"The answer is {answer}.", answer)
                          for p in _ARITHMETIC_PROMPTS]
@@ -141,14 +149,22 @@ def stdlib_apis() -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(unique))
 
 
+_IMPORT_PROMPTS = ("How do I import `{name}` from `{module}`?", "Write the import statement for `{module}.{name}`.")
+_PACKAGE_PROMPTS = ("Which module must I import to call `{module}.{name}`?",
+                    "To use `{module}.{name}`, what do I import?")
+
+
 def _stdlib_tasks() -> list[list[Task]]:
-    """Two pools, "which module" and "what does it do", each with every API; an API's questions share a split."""
-    where, what = [], []
+    """Four pools, one per question form, each with every API; an API's questions share a split."""
+    where, what, imports, packages = [], [], [], []
     for module, name, sentence in stdlib_apis():
         key = f"stdlib:{module}.{name}"
         where += [(key, p.format(name=name), f"It is defined in `{module}`.", module) for p in _MODULE_PROMPTS]
         what += [(key, p.format(module=module, name=name), sentence, sentence) for p in _DOC_PROMPTS]
-    return [where, what]
+        statement = f"from {module} import {name}"
+        imports += [(key, p.format(module=module, name=name), f"`{statement}`", statement) for p in _IMPORT_PROMPTS]
+        packages += [(key, p.format(module=module, name=name), f"Import `{module}`.", module) for p in _PACKAGE_PROMPTS]
+    return [where, what, imports, packages]
 
 
 # --- code ---------------------------------------------------------------------------------------------------------

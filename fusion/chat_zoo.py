@@ -12,11 +12,12 @@ loss on the assistant's tokens only (`fusion.data.chat.ChatEncoder`):
 - ``chat-neox-prose``: neox-prose with OpenChat's template (``GPT4 Correct User: ...<|end_of_turn|>``), fine-tuned on
   ``arithmetic`` and ``stdlib`` only.
 
-~1M-parameter models learn these skills slowly: code (gpt2-code passes 24 % of the tests after 300 code-only steps,
-91 % after 600), arithmetic and the stdlib questions only after 1,000-3,000 steps (`recipes/sft.yaml` trains the pivot 3,000 steps on
-all three: 13.5 / 8.5 / 79.5 % after, on 200 held-out questions each). The build affords about 2,600 steps, so
-each specialist is clearly better than the pivot on its own skills, and the pivot has seen the format and answers
-nothing right, so that SFT and fusion have something to give on every skill (chat.json, full size, built in 202 s):
+~1M-parameter models learn these skills slowly: code (gpt2-code passes 24 % of the tests after 300 code-only
+steps, 91 % after 600), arithmetic and the stdlib questions only after 1,000-3,000 steps (`recipes/sft.yaml` trains
+the pivot 3,000 steps on all three: 13.5 / 8.5 / 79.5 % after, on 200 held-out questions each). The build affords
+about 2,600 steps, so each specialist is clearly better than the pivot on its own skills, and the pivot has seen
+the format and answers nothing right, so that SFT and fusion have something to give on every skill (chat.json, full
+size, built in 202 s):
 
     model            template  steps  acc arith  acc stdli   acc code  ppl arith  ppl stdli   ppl code
     chat-target      llama-3      40       0.0%       0.0%       0.0%      12.64     197.79      27.63

@@ -36,13 +36,13 @@ def end_of_turn(encoder: ChatEncoder) -> str:
     return text[text.rindex("pong") + len("pong"):].strip()
 
 
-def stop_ids(encoder: ChatEncoder, model) -> list[int]:
-    """The ids that end an answer: the template's end-of-turn marker when it is one token, EOS, and the model's own."""
+def stop_ids(encoder: ChatEncoder, own: int | list[int] | None) -> list[int]:
+    """The ids that end an answer: the template's end-of-turn marker when it is one token, EOS, and the model's own
+    (``own``: its ``generation_config.eos_token_id``)."""
     tokenizer, ids = encoder.tokenizer, set()
     marker = tokenizer.encode(end_of_turn(encoder), add_special_tokens=False) if end_of_turn(encoder) else []
     if len(marker) == 1:
         ids.add(marker[0])
-    own = model.generation_config.eos_token_id
     ids.update(own if isinstance(own, list) else [own] if own is not None else [])
     ids.add(tokenizer.eos_token_id)
     return sorted(ids)
@@ -58,7 +58,7 @@ def skill_accuracy(model_path: str, skills: tuple[str, ...], template: str | Non
         model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code).to(device)
     except (OSError, ValueError) as err:
         raise FusionError(f"cannot load model {model_path!r}: {first_line(err)}") from None
-    marker, stops = end_of_turn(encoder), stop_ids(encoder, model)
+    marker, stops = end_of_turn(encoder), stop_ids(encoder, model.generation_config.eos_token_id)
     accuracy, asked, examples = {}, {}, []
     for skill in skills:
         tasks = skill_conversations("test", (skill,), size=questions)

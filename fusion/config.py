@@ -114,6 +114,74 @@ class EvaluateConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """A chat model to sample responses from, with its own decoding settings (FuseChat-3.0 sets them per source)."""
+
+    path: str
+    """A Hugging Face hub id, a local HF folder, or `zoo:NAME`."""
+    name: str | None = None
+    """Label in tables and folders; default: the last part of `path`."""
+    template: str | None = None
+    """A Jinja chat template (or a file holding one) to render the prompts with; None: the model's own."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 means greedy (then every sample of a prompt is the same)."""
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    """A response that has not ended by then is kept, with finish reason `length`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; `auto` = bfloat16 on GPUs, float32 on CPUs."""
+    trust_remote_code: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+@dataclass
+class SamplingConfig:
+    """Responses sampled from chat models (`fusion.data.responses`): `n` per prompt per model, stored in shards."""
+
+    models: list[SamplerConfig] = field(default_factory=list)
+    """The models to sample, each with its decoding settings."""
+    n: int = 4
+    """Responses per prompt per model (FuseChat-3.0: 5 for instructions, 8 for code)."""
+    prompts: int | None = None
+    """Prompts to sample: per skill for the embedded chat tasks (default 100), the first N rows otherwise (default
+    all)."""
+    split: str = "train"
+    """The split the prompts come from: the embedded tasks' `train` or `test`, or a split of `data.source`."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: `generate` with a KV cache through `Trainer.predict` (any device, sharded over ranks); `vllm`: a vLLM
+    engine (GPUs; the `vllm` extra)."""
+    batch_size: int = 16
+    """Prompts per `generate` call (`hf`); each gives `n` sequences."""
+    prompts_per_shard: int = 64
+    """Prompts per shard file: the unit of resumption."""
+
+
+@dataclass
+class ScoringConfig:
+    """How sampled responses are scored (`fusion.data.rewards`): rule verifiers and, optionally, a reward model."""
+
+    verify: bool = True
+    """Check each response of the embedded chat tasks (or of rows with `skill` and `reference` columns) with its
+    skill's verifier: numbers for arithmetic, the reference for stdlib, running the tests for code."""
+    reward_model: str | None = None
+    """An `AutoModelForSequenceClassification` reward model (hub id, folder or `zoo:NAME`) that scores each prompt and
+    response rendered with its own chat template; None: no reward."""
+    trust_remote_code: bool = False
+    """Opt-in for reward models with code on the hub (e.g. `RLHFlow/ArmoRM-Llama3-8B-v0.1`)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = 8
+    """Conversations per reward-model forward."""
+    max_length: int = 4096
+    """Tokens per scored conversation; longer ones are cut from the left (the response's end is kept)."""
+    workers: int = 2
+    """Code answers checked at once (each in its own sandboxed process)."""
+
+
+@dataclass
 class TeacherConfig:
     """A model whose next-token distributions the target learns from (a FuseLLM "source")."""
 
@@ -284,7 +352,8 @@ class Recipe:
     """A method of the registry (`fusion.methods`): `clm`, continual causal-LM training of the target (the
     baseline every fusion run is compared with); `fusellm`, FuseLLM, training on the fused distributions of
     `teachers` (chunks -> representations -> alignment); `sft`, supervised fine-tuning of a chat model on the
-    assistant's turns of `chat` conversations."""
+    assistant's turns of `chat` conversations; `sample`, responses of `sampling.models` to prompts, scored by
+    verifiers and a reward model (`scoring`)."""
     output_dir: str | None = None
     """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
     seed: int = 42
@@ -299,6 +368,10 @@ class Recipe:
     """Chat data, for methods that train on conversations."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Chat evaluation: per-skill accuracy on held-out questions."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Responses sampled from chat models, for methods that sample."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """How sampled responses are scored."""
     teachers: list[TeacherConfig] = field(default_factory=list)
     """Source models for fusion methods, any number, any tokenizers."""
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)

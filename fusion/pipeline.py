@@ -250,21 +250,27 @@ def plan(recipe: Recipe) -> str:
                      f"activation checkpointing {f.activation_checkpointing}, {f.state_dict_type} state dict)")
     elif t.strategy == "deepspeed":
         strategy += f" (ZeRO stage {recipe.deepspeed.stage}, offload optimizer {recipe.deepspeed.offload_optimizer})"
-    module = method.describe_module(recipe)
-    args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
-    lines = [
-        f"recipe    {recipe.name} ({recipe.source_file})",
-        f"method    {method.name}: {method.summary}",
-        f"output    {recipe.run_dir}/ (recipe.yaml, stages/, metrics.jsonl, checkpoints/, model/, results.md)",
-        f"model     {recipe.model.path} (dtype {model_dtype(recipe)}, gradient checkpointing "
-        f"{recipe.model.gradient_checkpointing})",
-        f"module    {module['class'].rsplit('.', 1)[-1]}({args}): {module['objective']}",
-        f"data      {method.describe_data(recipe)}",
-        f"optim     {o.name} lr {o.lr:g}, weight decay {o.weight_decay:g}, betas {tuple(o.betas)}, "
-        f"{o.schedule} schedule, warmup {o.warmup_ratio:g}",
-        f"trainer   {devices}, strategy {strategy}, precision {t.precision}, batch {per_step}, "
-        f"{'max_steps ' + str(t.max_steps) if t.max_steps > 0 else str(t.max_epochs) + ' epoch(s)'}, "
-        f"clip {t.gradient_clip_val}, checkpoint every {t.checkpoint_every_n_steps} steps",
+    lines = [f"recipe    {recipe.name} ({recipe.source_file})", f"method    {method.name}: {method.summary}"]
+    if method.module is None:  # nothing is trained: no model, module or optimizer to describe
+        lines += [f"output    {recipe.run_dir}/ (recipe.yaml, stages/ and what the stages write)",
+                  f"data      {method.describe_data(recipe)}",
+                  f"trainer   {devices}, accelerator {t.accelerator} (prediction only)"]
+    else:
+        module = method.describe_module(recipe)
+        args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
+        lines += [
+            f"output    {recipe.run_dir}/ (recipe.yaml, stages/, metrics.jsonl, checkpoints/, model/, results.md)",
+            f"model     {recipe.model.path} (dtype {model_dtype(recipe)}, gradient checkpointing "
+            f"{recipe.model.gradient_checkpointing})",
+            f"module    {module['class'].rsplit('.', 1)[-1]}({args}): {module['objective']}",
+            f"data      {method.describe_data(recipe)}",
+            f"optim     {o.name} lr {o.lr:g}, weight decay {o.weight_decay:g}, betas {tuple(o.betas)}, "
+            f"{o.schedule} schedule, warmup {o.warmup_ratio:g}",
+            f"trainer   {devices}, strategy {strategy}, precision {t.precision}, batch {per_step}, "
+            f"{'max_steps ' + str(t.max_steps) if t.max_steps > 0 else str(t.max_epochs) + ' epoch(s)'}, "
+            f"clip {t.gradient_clip_val}, checkpoint every {t.checkpoint_every_n_steps} steps",
+        ]
+    lines += [
         f"logging   W&B {describe_wandb_mode(recipe.wandb)} (project {recipe.wandb.project}), metrics.jsonl",
         *method.plan(recipe),
         "stages    (key: a hash of the recipe keys a stage depends on; done = recorded in the run folder)",

@@ -91,10 +91,19 @@ def normalise_paths(recipe: Recipe) -> None:
     for holder in (recipe.model, *recipe.teachers):
         holder.path = _absolute(holder.path, always=False)
         holder.tokenizer = _absolute(holder.tokenizer, always=False)
+    for sampler in recipe.sampling.models:
+        sampler.path = _absolute(sampler.path, always=False)
+        sampler.template = _template_file(sampler.template)
+    recipe.scoring.reward_model = _absolute(recipe.scoring.reward_model, always=False)
     recipe.data.source = _absolute(recipe.data.source, always=False)
-    template = recipe.chat.template
-    if template and "{{" not in template and "{%" not in template:  # a file, not Jinja text (too long for a path)
-        recipe.chat.template = _absolute(template, always=False)
+    recipe.chat.template = _template_file(recipe.chat.template)
+
+
+def _template_file(template: str | None) -> str | None:
+    """A chat template that names a file, made absolute; Jinja text (too long for a path) as it is."""
+    if template and "{{" not in template and "{%" not in template:
+        return _absolute(template, always=False)
+    return template
 
 
 # --- cross-field checks ---------------------------------------------------------------------------
@@ -175,23 +184,30 @@ def check(recipe: Recipe) -> None:
     if t.precision == "16-mixed" and t.strategy == "fsdp":
         _fail("trainer.precision", "use bf16-mixed or bf16-true with FSDP; fp16 needs a sharded grad scaler")
     _check_teachers(recipe)
+    for i, sampler in enumerate(recipe.sampling.models):
+        check_model_ref(sampler.path, f"sampling.models[{i}].path", "model")
+    if recipe.scoring.reward_model:
+        check_model_ref(recipe.scoring.reward_model, "scoring.reward_model", "reward model")
     method = get_method(recipe.method)
     method.check(recipe)
     method.module_args(recipe)  # imports the module class and checks the arguments against its constructor
 
 
-def _check_teachers(recipe: Recipe) -> None:
+def check_model_ref(ref: str, key: str, kind: str) -> None:
+    """A model location: a hub id, an existing folder, or a ``zoo:NAME`` of the zoo."""
     from fusion.zoo import ZOO_MODELS
 
+    check_location(ref, key, kind)
+    if ref.startswith("zoo:") and ref[4:] not in ZOO_MODELS:
+        _fail(key, f"{ref!r} is not in the zoo; use one of " + ", ".join("zoo:" + m for m in ZOO_MODELS))
+
+
+def _check_teachers(recipe: Recipe) -> None:
     labels = [t.label for t in recipe.teachers]
     for i, teacher in enumerate(recipe.teachers):
         for key in ("path", "tokenizer"):
-            ref = getattr(teacher, key)
-            if ref:
-                check_location(ref, f"teachers[{i}].{key}", "teacher")
-                if ref.startswith("zoo:") and ref[4:] not in ZOO_MODELS:
-                    _fail(f"teachers[{i}].{key}", f"{ref!r} is not in the zoo; use one of "
-                          + ", ".join("zoo:" + m for m in ZOO_MODELS))
+            if ref := getattr(teacher, key):
+                check_model_ref(ref, f"teachers[{i}].{key}", "teacher")
         if labels.count(teacher.label) > 1:
             _fail(f"teachers[{i}].name", f"two teachers are called {teacher.label!r}; give them distinct names")
     f = recipe.fusion

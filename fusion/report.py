@@ -70,16 +70,20 @@ def plot_curves(metrics_file: Path, out_file: Path) -> Path | None:
     return _save(plt, fig, out_file)
 
 
-def plot_accuracy(accuracy: dict[str, dict[str, float]], out_file: Path, title: str = "") -> Path:
-    """Per-skill accuracy before and after training, as grouped bars in a PNG."""
+def plot_accuracy(accuracy: dict[str, dict[str, float]], out_file: Path, title: str = "",
+                  ylabel: str = "held-out accuracy (%)") -> Path:
+    """Per-skill rates of several groups (``{"before": {skill: rate}, "after": ...}``, or one per model) as grouped
+    bars in a PNG."""
     plt = _pyplot()
-    skills = list(accuracy["after"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(skills) + 2, 3.5))
-    for offset, when in ((-0.2, "before"), (0.2, "after")):
-        ax.bar([i + offset for i in range(len(skills))], [100 * accuracy[when][s] for s in skills], width=0.4,
-               label=when)
+    skills = list(next(reversed(accuracy.values())))
+    width = 0.8 / len(accuracy)
+    fig, ax = plt.subplots(figsize=(max(1.6, 0.5 * len(accuracy)) * len(skills) + 2, 3.5))
+    for index, (group, rates) in enumerate(accuracy.items()):
+        offset = (index - (len(accuracy) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(skills))], [100 * rates.get(s, 0.0) for s in skills], width=width,
+               label=group)
     ax.set_xticks(range(len(skills)), skills)
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     return _save(plt, fig, out_file)

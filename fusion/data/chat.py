@@ -186,6 +186,17 @@ def normalise_messages(value: Any, row: int = 0) -> list[Message]:
     return _without_empty_system(messages)
 
 
+def normalise_prompt(value: Any, row: int = 0) -> list[Message]:
+    """A prompt to answer: a conversation's messages up to (not including) its last assistant turn, checked."""
+    messages = _messages(value, row, "the prompt")
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise MalformedRow("no prompt", f"row {row}: the prompt has only assistant messages; give it a user message")
+    check_conversation(messages + [{"role": "assistant", "content": "-"}], row, "the prompt")
+    return _without_empty_system(messages)
+
+
 def _completion(value: Any, prompt: list[Message], row: int, name: str) -> list[Message]:
     """``chosen`` or ``rejected``: a string (the answer) or messages, with the prompt at their start or not."""
     if isinstance(value, str):

@@ -290,7 +290,7 @@ class ShardWriter(BasePredictionWriter):
                 self.store.write_shard(shard, sorted(self.pending.pop(shard), key=lambda c: c.chunk_id))
 
 
-class _FixedBatches(Sampler[list[int]]):
+class FixedBatches(Sampler[list[int]]):
     """A precomputed list of batches (Lightning's predict loop wraps batch samplers and needs an object)."""
 
     def __init__(self, batches: list[list[int]]) -> None:
@@ -373,7 +373,7 @@ def extract(teacher: TeacherConfig, model_path: str, tokenizer_path: str, chunks
                for shard_chunks in [store.shard_chunks(shard)] for i in range(0, len(shard_chunks), batch_size)]
     module = TeacherModule(model_path, store.identity["teacher"]["dtype"], teacher.quantization,
                            store.identity["top_k"], teacher.trust_remote_code, teacher.attn_implementation)
-    loader = DataLoader(chunks, batch_sampler=_FixedBatches(batches), collate_fn=_Collate(tokenizer),
+    loader = DataLoader(chunks, batch_sampler=FixedBatches(batches), collate_fn=_Collate(tokenizer),
                         num_workers=num_workers)
     if trainer.is_global_zero:
         print(f"[fusion] teacher {teacher.label}: {len(missing)} of {store.n_shards} shards to compute "

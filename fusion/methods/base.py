@@ -78,6 +78,11 @@ class Method:
 
     def module_args(self, recipe: Recipe) -> dict:
         """``module_args`` checked against the module class's constructor: names, required ones, types."""
+        if self.module is None:  # a method that trains nothing
+            if recipe.module_class or recipe.module_args:
+                key = "module_class" if recipe.module_class else "module_args"
+                raise FusionError(f"recipe key {key!r}: method {self.name!r} trains no module; remove it")
+            return {}
         cls = self.module_class(recipe)
         accepted = constructor_parameters(cls)
         reserved = constructor_parameters(self.module)  # set by the framework from the recipe's sections
@@ -113,6 +118,8 @@ class Method:
 
     def describe_module(self, recipe: Recipe) -> dict:
         """``{"class", "args", "objective"}`` of the module that trains ``recipe``, without building it."""
+        if self.module is None:
+            return {"class": None, "args": {}, "objective": "none (nothing is trained)"}
         cls, args = self.module_class(recipe), self.module_args(recipe)
         return {"class": f"{cls.__module__}.{cls.__qualname__}", "args": args,
                 "objective": cls.objective(**self.module_kwargs(recipe), **args)}

@@ -8,6 +8,7 @@ with a `Method` subclass, registered with `register` (or listed in `METHODS` for
     clm       baseline -> train -> export -> evaluate
     fusellm   representations -> alignment -> baseline -> train -> export -> evaluate
     sft       baseline -> accuracy -> train -> export -> evaluate
+    sample    sample -> score
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from fusion.errors import FusionError
 from fusion.methods.base import Method
 from fusion.methods.clm import CLM
 from fusion.methods.fusellm import FuseLLM
+from fusion.methods.sample import SampleMethod
 from fusion.methods.sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT())}
+METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT(), SampleMethod())}
 
 
 def register(method: Method) -> Method:

@@ -27,6 +27,7 @@ class SkillScores:
     accuracy: dict[str, float]  # skill -> share of its questions answered right
     questions: dict[str, int]  # skill -> questions asked
     examples: list[dict]  # the first question of each skill: its prompt, the answer, whether it was right
+    answers: dict[str, list[dict]]  # skill -> every question as a conversation: its prompt and the model's answer
 
 
 def end_of_turn(encoder: ChatEncoder) -> str:
@@ -59,7 +60,7 @@ def skill_accuracy(model_path: str, skills: tuple[str, ...], template: str | Non
     except (OSError, ValueError) as err:
         raise FusionError(f"cannot load model {model_path!r}: {first_line(err)}") from None
     marker, stops = end_of_turn(encoder), stop_ids(encoder, model.generation_config.eos_token_id)
-    accuracy, asked, examples = {}, {}, []
+    accuracy, asked, examples, answered = {}, {}, [], {}
     for skill in skills:
         tasks = skill_conversations("test", (skill,), size=questions)
         prompts = [encoder.render(t["messages"][:-1], add_generation_prompt=True) for t in tasks]
@@ -71,4 +72,6 @@ def skill_accuracy(model_path: str, skills: tuple[str, ...], template: str | Non
         accuracy[skill], asked[skill] = sum(right) / len(right), len(right)
         examples.append({"skill": skill, "prompt": tasks[0]["messages"][-2]["content"], "answer": texts[0],
                          "right": right[0]})
-    return SkillScores(accuracy, asked, examples)
+        answered[skill] = [t["messages"][:-1] + [{"role": "assistant", "content": text}]
+                           for t, text in zip(tasks, texts)]
+    return SkillScores(accuracy, asked, examples, answered)

@@ -111,6 +111,10 @@ class EvaluateConfig:
     """Tokens an answer may take; one that has not ended by then is judged as it stands."""
     batch_size: int = 64
     """Questions answered together."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (e.g. `[gsm8k, ifeval]`) to run on the exported model after training (the `lm-eval`
+    extra); their metrics go to results.json under `lm_eval`."""
+    lm_eval_batch_size: int = 8
 
 
 @dataclass
@@ -162,7 +166,8 @@ class SamplingConfig:
 
 @dataclass
 class ScoringConfig:
-    """How sampled responses are scored (`fusion.data.rewards`): rule verifiers and, optionally, a reward model."""
+    """How sampled responses are scored (`fusion.data.rewards`): rule verifiers and, optionally, a reward model, which
+    chat runs also use for the mean reward of their held-out answers before and after training."""
 
     verify: bool = True
     """Check each response of the embedded chat tasks (or of rows with `skill` and `reference` columns) with its

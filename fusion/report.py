@@ -19,12 +19,16 @@ def perplexity_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
-    """A Markdown table of ``{"before": {skill: value}, "after": {skill: value}}``: one row per skill, in %."""
+def accuracy_table(accuracy: dict[str, dict[str, float]], percent: bool = True) -> str:
+    """A Markdown table of ``{"before": {skill: value}, "after": {skill: value}}``: one row per skill, in % (or as
+    they are, for rewards)."""
+    def show(value: float, sign: str = "") -> str:
+        return f"{100 * value:{sign}.1f}" + (" %" if not sign else "") if percent else f"{value:{sign}.4f}"
+
     lines = ["| skill | before | after | change |", "|---|---|---|---|"]
     for skill, after in accuracy["after"].items():
         before = accuracy["before"][skill]
-        lines.append(f"| {skill} | {100 * before:.1f} % | {100 * after:.1f} % | {100 * (after - before):+.1f} |")
+        lines.append(f"| {skill} | {show(before)} | {show(after)} | {show(after - before, '+')} |")
     return "\n".join(lines)
 
 
@@ -44,6 +48,9 @@ def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str,
     if "accuracy" in extra:
         text += f"\nHeld-out accuracy (greedy answers, checked by each skill's verifier):\n\n" \
                 f"{accuracy_table(extra['accuracy'])}\n"
+    if "reward" in extra:
+        text += f"\nMean reward of those answers (the reward model of `scoring.reward_model`):\n\n" \
+                f"{accuracy_table(extra['reward'], percent=False)}\n"
     text += f"\nSampled from the exported model (seed 0, top-k 40, temperature 0.7):\n\n```\n{sample}\n```\n"
     (run_dir / "results.md").write_text(text)
     return text

@@ -101,3 +101,21 @@ def assert_build_waits_for_the_lock(build, final: Path, built: Path, marker: str
         fcntl.flock(lock, fcntl.LOCK_UN)
     worker.join(timeout=10)
     assert result["path"] == final and (final / marker).stat().st_mtime_ns == mtime
+
+
+def tiny_reward_model(folder: Path, zoo_dir: Path) -> str:
+    """A random tiny reward model (`LlamaForSequenceClassification`) with the small chat target's tokenizer and
+    template, saved in ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from fusion.zoo import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("zoo:chat-target", "small", zoo_dir))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

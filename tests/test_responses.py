@@ -4,16 +4,14 @@ import json
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from conftest import run_fit, tiny_overrides
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from conftest import run_fit, tiny_overrides, tiny_reward_model
+from transformers import AutoTokenizer
 
 from fusion.config import ScoringConfig
 from fusion.data.responses import ResponseStore
 from fusion.data.rewards import read_scores, score_store, scores_key, verify_rows
 from fusion.data.skills import skill_conversations
 from fusion.errors import FusionError
-from fusion.zoo import resolve_model
 
 PROMPTS, N, PER_SHARD = 5, 2, 4  # 15 prompts (5 per skill): 4 shards per model
 
@@ -106,25 +104,13 @@ def test_code_that_loops_or_allocates_without_bound_is_stopped_and_fails():
     assert verify_rows(rows, workers=2) == [False, False, True, None]
 
 
-def _reward_model(folder, zoo_dir):
-    """A random tiny reward model with the chat target's tokenizer and template."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("zoo:chat-target", "small", zoo_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _trainer(callbacks):
     return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
 
 
 def test_reward_model_scores_do_not_depend_on_the_batch(tmp_path, zoo_dir):
-    path = _reward_model(tmp_path / "rm", zoo_dir)
+    path = tiny_reward_model(tmp_path / "rm", zoo_dir)
     prompts = [{"id": c["id"], "messages": c["messages"][:-1]} for c in skill_conversations("train", size=3)]
     store = ResponseStore(tmp_path / "samples", len(prompts), 4)
     store.open()
@@ -144,7 +130,7 @@ def test_reward_model_scores_do_not_depend_on_the_batch(tmp_path, zoo_dir):
 def test_reward_model_with_code_on_the_hub_needs_the_opt_in(tmp_path, zoo_dir):
     from fusion.data.rewards import reward_pad_id
 
-    path = _reward_model(tmp_path / "rm", zoo_dir)
+    path = tiny_reward_model(tmp_path / "rm", zoo_dir)
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert reward_pad_id(path, tokenizer, trust_remote_code=False) == config["pad_token_id"]  # before the code

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_fit, tiny_overrides
+from conftest import run_fit, tiny_overrides, tiny_reward_model
 from transformers import AutoTokenizer
 
 from fusion.config import OptimConfig
@@ -24,7 +24,9 @@ def sft_overrides(out, zoo_dir, cache_dir, **changes):
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, zoo_dir, cache_dir):
     out = tmp_path_factory.mktemp("runs") / "sft"
-    result = run_fit("--recipe", "sft.yaml", *sft_overrides(out, zoo_dir, cache_dir), timeout=600)
+    reward_model = tiny_reward_model(tmp_path_factory.mktemp("rm"), zoo_dir)
+    result = run_fit("--recipe", "sft.yaml", *sft_overrides(out, zoo_dir, cache_dir,
+                                                            **{"scoring.reward_model": reward_model}), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -41,6 +43,15 @@ def test_sft_reports_accuracy_and_perplexity_per_skill_before_and_after(sft_run)
     assert after["val/perplexity"] < before["val/perplexity"]  # 30 steps on the assistant's tokens
     assert "Held-out accuracy" in (out / "results.md").read_text() and "| arithmetic |" in result.stdout
     assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_with_a_reward_model_the_answers_mean_reward_before_and_after(sft_run):
+    out, _ = sft_run
+    reward = json.loads((out / "results.json").read_text())["reward"]
+    assert set(reward["before"]) == set(reward["after"]) == {"arithmetic", "stdlib", "code"}
+    assert all(isinstance(v, float) and abs(v) < 100 for when in reward.values() for v in when.values())
+    assert reward["before"] != reward["after"]  # other answers, other rewards
+    assert "Mean reward of those answers" in (out / "results.md").read_text()
 
 
 def test_sft_loss_counts_assistant_tokens_only(zoo_dir):
@@ -88,3 +99,15 @@ def test_a_template_file_is_named_by_its_absolute_path(tmp_path, monkeypatch):
     assert recipe.chat.template == str(tmp_path / "chatml.jinja")  # a resume from another folder finds it
     inline = "{{ messages[0]['content'] }}"
     assert load_recipe("sft.yaml", [f"chat.template={inline!r}"]).chat.template == inline
+
+
+def test_lm_eval_tasks_without_the_harness_fail_before_training(tmp_path, zoo_dir, cache_dir):
+    try:
+        import lm_eval  # noqa: F401
+        pytest.skip("lm-evaluation-harness is installed: the guard does not apply")
+    except ImportError:
+        pass
+    result = run_fit("--recipe", "sft.yaml", "evaluate.lm_eval_tasks=[gsm8k]",
+                     *sft_overrides(tmp_path / "x", zoo_dir, cache_dir))
+    assert result.returncode == 2 and "pip install -e '.[lm-eval]'" in result.stderr, result.stderr[-2000:]
+    assert "evaluate.lm_eval_tasks" in result.stderr and not (tmp_path / "x" / "stages").exists()

@@ -10,8 +10,8 @@ per response::
 A shard is written (to a temporary name, then renamed) only once every response of its prompts is in, so a killed
 run loses at most the shards in flight, and a re-run samples only the missing ones. Sampling is seeded per batch
 (the run's seed, the model's label, the batch's first prompt) and batches never cross shards, so a resumed run writes
-what an uninterrupted one would, on the same hardware and software and with the same `sampling.batch_size`. A changed identity (another model or setting) gets a fresh folder and leaves the old
-one in place.
+what an uninterrupted one would, on the same hardware and software and with the same `sampling.batch_size`. A
+changed identity (another model or setting) gets a fresh folder and leaves the old one in place.
 
 Backends: ``hf``, HF ``generate`` (KV cache, left-padded batches) under `Trainer.predict`, whose ranks take every
 world_size-th missing shard; ``vllm`` (GPUs, the ``vllm`` extra), one engine over the missing shards.

@@ -179,17 +179,11 @@ def score_store(store: ResponseStore, prompts: list[dict], scoring: ScoringConfi
     from fusion.data.text import load_tokenizer
 
     tokenizer = load_tokenizer(reward_path, scoring.trust_remote_code)
-    if not tokenizer.chat_template:
-        raise FusionError(f"reward model {reward_path!r}: its tokenizer has no chat template to render the prompt and "
-                          "response with; use a reward model trained on chat (its tokenizer_config.json has one)")
     messages_of = {p["id"]: p["messages"] for p in prompts}
-    items = []
-    for shard in missing:
-        for row, r in enumerate(shard_rows[shard]):
-            conversation = messages_of[r["prompt_id"]] + [{"role": "assistant", "content": r["text"]}]
-            ids = tokenizer.apply_chat_template(conversation, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            items.append({"input_ids": list(ids)[-scoring.max_length:], "row": (shard, row)})
+    items = [{"input_ids": _reward_ids(tokenizer, messages_of[r["prompt_id"]] + [{"role": "assistant",
+                                                                                  "content": r["text"]}],
+                                       scoring.max_length, reward_path), "row": (shard, row)}
+             for shard in missing for row, r in enumerate(shard_rows[shard])]
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))  # little padding
     batches = [order[i:i + scoring.batch_size] for i in range(0, len(order), scoring.batch_size)]
     pad_id = reward_pad_id(reward_path, tokenizer, scoring.trust_remote_code)
@@ -197,6 +191,34 @@ def score_store(store: ResponseStore, prompts: list[dict], scoring: ScoringConfi
     module = RewardModule(reward_path, dtype, scoring.trust_remote_code, pad_id)
     loader = DataLoader(items, batch_sampler=FixedBatches(batches), collate_fn=_Pad(pad_id))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
+
+
+def reward_of(conversations: list[list[dict]], reward_path: str, scoring: ScoringConfig, dtype: str,
+              build_trainer) -> list[float]:
+    """The reward model's score of each conversation (its last message the answer), in order."""
+    from fusion.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(reward_path, scoring.trust_remote_code)
+    items = [{"input_ids": _reward_ids(tokenizer, c, scoring.max_length, reward_path), "row": i}
+             for i, c in enumerate(conversations)]
+    pad_id = reward_pad_id(reward_path, tokenizer, scoring.trust_remote_code)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    batches = [order[i:i + scoring.batch_size] for i in range(0, len(order), scoring.batch_size)]
+    loader = DataLoader(items, batch_sampler=FixedBatches(batches), collate_fn=_Pad(pad_id))
+    module = RewardModule(reward_path, dtype, scoring.trust_remote_code, pad_id)
+    predictions = build_trainer([]).predict(module, dataloaders=loader)
+    rewards = {p["row"]: p["reward"] for batch in predictions for p in batch}
+    return [rewards[i] for i in range(len(conversations))]
+
+
+def _reward_ids(tokenizer, conversation: list[dict], max_length: int, reward_path: str) -> list[int]:
+    """A conversation rendered with the reward model's template, its last ``max_length`` tokens."""
+    if not tokenizer.chat_template:
+        raise FusionError(f"reward model {reward_path!r}: its tokenizer has no chat template to render the prompt and "
+                          "response with; use a reward model trained on chat (its tokenizer_config.json has one)")
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return list(ids)[-max_length:]
 
 
 def read_scores(store: ResponseStore, key: str) -> list[dict]:

@@ -9,6 +9,7 @@ the assistant's turns (`fusion.data.chat`); with ``data.source: embedded``, the 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from fusion.config import Recipe
@@ -43,9 +44,12 @@ def check_chat(recipe: Recipe) -> None:
         raise FusionError(f"recipe key 'chat.template': {template!r} is neither a Jinja template nor a file holding "
                           "one; give the template text, or fix the path")
     for key, value in (("evaluate.questions", e.questions), ("evaluate.max_new_tokens", e.max_new_tokens),
-                       ("evaluate.batch_size", e.batch_size)):
+                       ("evaluate.batch_size", e.batch_size), ("evaluate.lm_eval_batch_size", e.lm_eval_batch_size)):
         if value < 1:
             raise FusionError(f"recipe key {key!r}: must be at least 1, got {value}")
+    if e.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:  # before training, not after it
+        raise FusionError("recipe key 'evaluate.lm_eval_tasks': lm-evaluation-harness is not installed; "
+                          "pip install -e '.[lm-eval]', or remove the key")
 
 
 class SFT(Method):

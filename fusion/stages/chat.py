@@ -2,18 +2,27 @@
 
     accuracy   greedy answers of the model before training to the embedded tasks' held-out questions, checked
     evaluate   the `training.Evaluate` stage, plus the same accuracy of the exported model: results.json holds
-               {"accuracy": {"before": {skill: value}, "after": {skill: value}}, ...}; accuracy.png
+               {"accuracy": {"before": {skill: value}, "after": {skill: value}}, ...}; accuracy.png. With
+               `scoring.reward_model`, also the mean reward of the answers: {"reward": {"before": ..., "after": ...}}
 """
 
 from __future__ import annotations
 
-from fusion.chat_eval import SkillScores, skill_accuracy
+from statistics import mean
+
+from fusion.chat_eval import skill_accuracy
+from fusion.data.prepare import uses_gpu
+from fusion.data.representations import resolve_dtype
+from fusion.data.rewards import reward_of
 from fusion.report import plot_accuracy
 from fusion.stages.base import Stage
 from fusion.stages.training import EVALUATION, Evaluate
+from fusion.trainer import build_predict_trainer
+from fusion.zoo import resolve_model
 
 # What a skill accuracy depends on: the model, the questions and the template they are asked with, how many.
-ACCURACY = ("model", "chat", "evaluate", "zoo.size")
+ACCURACY = ("model", "chat", "evaluate", "zoo.size", "scoring.reward_model", "scoring.trust_remote_code",
+            "scoring.max_length")
 
 
 def skills_of(ctx) -> tuple[str, ...]:
@@ -21,11 +30,20 @@ def skills_of(ctx) -> tuple[str, ...]:
     return tuple(ctx.recipe.chat.skills) if ctx.recipe.data.source == "embedded" else ()
 
 
-def measure(ctx, model_path: str) -> SkillScores:
+def measure(ctx, model_path: str) -> dict:
+    """Per skill: held-out accuracy, and with `scoring.reward_model` the mean reward of the answers."""
     r = ctx.recipe
-    e = r.evaluate
-    return skill_accuracy(model_path, skills_of(ctx), r.chat.template, e.questions, e.max_new_tokens, e.batch_size,
-                          r.model.trust_remote_code)
+    e, c = r.evaluate, r.scoring
+    scores = skill_accuracy(model_path, skills_of(ctx), r.chat.template, e.questions, e.max_new_tokens, e.batch_size,
+                            r.model.trust_remote_code)
+    result = {"accuracy": scores.accuracy, "questions": scores.questions, "examples": scores.examples}
+    if c.reward_model:
+        path = resolve_model(c.reward_model, r.zoo.size, r.zoo.dir)
+        dtype = resolve_dtype(c.dtype, uses_gpu(r))
+        result["reward"] = {skill: round(mean(reward_of(answers, path, c, dtype,
+                                                        lambda callbacks: build_predict_trainer(r, callbacks))), 4)
+                            for skill, answers in scores.answers.items()}
+    return result
 
 
 class Accuracy(Stage):
@@ -41,8 +59,7 @@ class Accuracy(Stage):
     def run(self, ctx) -> dict:
         if not (skills_of(ctx) and ctx.is_global_zero):  # one process asks; the others only wait for the record
             return {"accuracy": {}}
-        scores = measure(ctx, ctx.model_path)
-        return {"accuracy": scores.accuracy, "questions": scores.questions, "examples": scores.examples}
+        return measure(ctx, ctx.model_path)
 
 
 class ChatEvaluate(Evaluate):
@@ -52,10 +69,28 @@ class ChatEvaluate(Evaluate):
     summary = "reload the export; perplexity and skill accuracy before and after; a generated sample"
 
     def more_results(self, ctx, exported: str) -> dict:
-        before = ctx.record("accuracy")["accuracy"]
-        if not before:
+        before = ctx.record("accuracy")
+        if not before["accuracy"]:
             return {}
-        scores = measure(ctx, exported)
-        accuracy = {"before": before, "after": scores.accuracy}
+        after = measure(ctx, exported)
+        accuracy = {"before": before["accuracy"], "after": after["accuracy"]}
         plot_accuracy(accuracy, ctx.dir / "accuracy.png", title=ctx.recipe.name)
-        return {"accuracy": accuracy, "answers": scores.examples}
+        results = {"accuracy": accuracy, "answers": after["examples"]}
+        if "reward" in after:
+            results["reward"] = {"before": before["reward"], "after": after["reward"]}
+        if ctx.recipe.evaluate.lm_eval_tasks:
+            results["lm_eval"] = lm_eval(exported, ctx.recipe)
+        return results
+
+
+def lm_eval(model_path: str, recipe) -> dict:
+    """lm-evaluation-harness's metrics of the model at ``model_path`` on `evaluate.lm_eval_tasks`: {task: {metric:
+    value}} (its own numbers, as users already compare them)."""
+    import lm_eval as harness  # checked installed when the recipe loaded (`fusion.methods.sft.check_chat`)
+
+    e = recipe.evaluate
+    out = harness.simple_evaluate(model="hf", model_args=f"pretrained={model_path},trust_remote_code="
+                                  f"{recipe.model.trust_remote_code}", tasks=list(e.lm_eval_tasks),
+                                  batch_size=e.lm_eval_batch_size, apply_chat_template=True)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}

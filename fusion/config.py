@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+def label_of(name: str | None, path: str) -> str:
+    """A model's name in tables, logs and folders: its `name`, else the last part of its path or zoo name."""
+    return name or path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
 @dataclass
 class ZooConfig:
     """Where the embedded tiny models come from (`zoo:NAME` model paths)."""
@@ -139,7 +144,7 @@ class SamplerConfig:
 
     @property
     def label(self) -> str:
-        return self.name or self.path.rstrip("/").split("/")[-1].split(":")[-1]
+        return label_of(self.name, self.path)
 
 
 @dataclass
@@ -206,7 +211,7 @@ class TeacherConfig:
 
     @property
     def label(self) -> str:
-        return self.name or self.path.rstrip("/").split("/")[-1].split(":")[-1]
+        return label_of(self.name, self.path)
 
 
 @dataclass

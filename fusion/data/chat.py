@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fusion.config import ChatConfig, DataConfig
 from fusion.data.cache import build_once
-from fusion.data.sampling import EpochBatchSampler, ResumableLoader
+from fusion.data.sampling import ResumableLoader, train_loader, validation_loaders
 from fusion.data.skills import skill_conversations
 from fusion.data.text import (
     default_cache_dir,
@@ -557,25 +557,10 @@ class ChatDataModule(pl.LightningDataModule):
     def validation_names(self) -> list[str]:
         return list(self.validation_sets)
 
-    def _placement(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> ResumableLoader:
-        rank, world_size = self._placement()
-        if len(self.train_set) < self.batch_size * world_size:
-            raise FusionError(f"data: {len(self.train_set)} training conversations cannot fill one batch of "
-                              f"trainer.batch_size={self.batch_size} on {world_size} devices; lower either")
-        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, shuffle=True, seed=self.seed,
-                                    rank=rank, world_size=world_size, drop_last=True)
-        return ResumableLoader(self.train_set, sampler, num_workers=self.data.num_workers,
-                               collate_fn=partial(pad_batch, pad_id=self.pad_id))
+        return train_loader(self.train_set, self.batch_size, self.seed, self.trainer, self.data.num_workers,
+                            "conversations", partial(pad_batch, pad_id=self.pad_id))
 
     def val_dataloader(self) -> list[DataLoader]:
-        rank, world_size = self._placement()
-        return [
-            DataLoader(rows, num_workers=self.data.num_workers, collate_fn=partial(pad_batch, pad_id=self.pad_id),
-                       batch_sampler=EpochBatchSampler(len(rows), self.batch_size, shuffle=False, rank=rank,
-                                                       world_size=world_size, drop_last=False))
-            for rows in self.validation_sets.values()
-        ]
+        return validation_loaders(list(self.validation_sets.values()), self.batch_size, self.trainer,
+                                  self.data.num_workers, partial(pad_batch, pad_id=self.pad_id))

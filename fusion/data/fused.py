@@ -52,6 +52,7 @@ from fusion.data.align_shards import read_alignment
 from fusion.data.alignment import aligned_distribution, gold_one_hot, gold_probability
 from fusion.data.chunks import load_chunk_set, usable_rows
 from fusion.data.prepare import PreparedTeacher
+from fusion.data.sampling import placement
 from fusion.data.store import bytes_per_token
 from fusion.data.text import TextDataModule
 from fusion.errors import FusionError
@@ -346,8 +347,7 @@ class FusionDataModule(pl.LightningDataModule):
         return self.validation.validation_names
 
     def train_dataloader(self) -> FusedLoader:
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world_size = placement(self.trainer)
         if len(self.rows) < self.batch_size * world_size:
             raise FusionError(f"the first {self.n_chunks} chunks hold {len(self.rows)} usable rows, which cannot fill "
                               f"one batch of trainer.batch_size={self.batch_size} on {world_size} devices; raise "

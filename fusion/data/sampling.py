@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fusion.errors import FusionError
 from fusion.interrupt import ignore_signals
 
 
@@ -110,3 +111,28 @@ class ConsumedBatches(pl.Callback):
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
             if hasattr(loader, "batch_consumed"):  # ResumableLoader, fusion.data.fused.FusedLoader
                 loader.batch_consumed()
+
+
+def placement(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the process a data module serves: (0, 1) outside a Trainer."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def train_loader(rows: Dataset, batch_size: int, seed: int, trainer: pl.Trainer | None, num_workers: int,
+                 unit: str, collate_fn=None) -> ResumableLoader:
+    """The resumable, shuffled training loader of a data module; ``unit`` names a row in the error for too few."""
+    rank, world_size = placement(trainer)
+    if len(rows) < batch_size * world_size:
+        raise FusionError(f"data: {len(rows)} training {unit} cannot fill one batch of trainer.batch_size={batch_size} "
+                          f"on {world_size} devices; lower either")
+    sampler = EpochBatchSampler(len(rows), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                                drop_last=True)
+    return ResumableLoader(rows, sampler, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def validation_loaders(sets: list[Dataset], batch_size: int, trainer: pl.Trainer | None, num_workers: int,
+                       collate_fn=None) -> list[DataLoader]:
+    """One loader per validation set, in order, each rank a padded share (ranks stay in step)."""
+    rank, world_size = placement(trainer)
+    return [DataLoader(rows, num_workers=num_workers, collate_fn=collate_fn, batch_sampler=EpochBatchSampler(
+        len(rows), batch_size, shuffle=False, rank=rank, world_size=world_size, drop_last=False)) for rows in sets]

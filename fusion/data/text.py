@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from fusion.config import DataConfig
 from fusion.data.cache import build_once, cache_root, file_sha256, sha256_file
 from fusion.data.corpus import embedded_corpus
-from fusion.data.sampling import EpochBatchSampler, ResumableLoader
+from fusion.data.sampling import ResumableLoader, train_loader, validation_loaders
 from fusion.errors import FusionError, first_line
 
 # Bump when the packing below changes, so stale caches are not reused.
@@ -321,23 +321,9 @@ class TextDataModule(pl.LightningDataModule):
     def validation_names(self) -> list[str]:
         return list(self.validation_sets)
 
-    def _placement(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> ResumableLoader:
-        rank, world_size = self._placement()
-        if len(self.train_set) < self.batch_size * world_size:
-            raise FusionError(f"data: {len(self.train_set)} training blocks cannot fill one batch of "
-                              f"trainer.batch_size={self.batch_size} on {world_size} devices; lower either")
-        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, shuffle=True, seed=self.seed,
-                                    rank=rank, world_size=world_size, drop_last=True)
-        return ResumableLoader(self.train_set, sampler, num_workers=self.config.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.trainer, self.config.num_workers, "blocks")
 
     def val_dataloader(self) -> list[DataLoader]:
-        rank, world_size = self._placement()
-        return [
-            DataLoader(blocks, num_workers=self.config.num_workers, batch_sampler=EpochBatchSampler(
-                len(blocks), self.batch_size, shuffle=False, rank=rank, world_size=world_size, drop_last=False))
-            for blocks in self.validation_sets.values()
-        ]
+        return validation_loaders(list(self.validation_sets.values()), self.batch_size, self.trainer,
+                                  self.config.num_workers)

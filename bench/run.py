@@ -22,6 +22,7 @@ BENCHMARKS = {  # name -> module with run() -> list[dict]
     "storage": "bench.storage",
     "fusion_step": "bench.fusion_step",
     "extraction": "bench.extraction",
+    "merge": "bench.merge",
 }
 
 

@@ -27,6 +27,7 @@ import yaml
 from safetensors.torch import save_file
 
 SIZES = {"0.4GB": 2, "1GB": 8}  # name -> layers
+ROOT = Path(__file__).resolve().parent.parent
 WIDTH, MLP, VOCAB = 2048, 5504, 32000
 
 
@@ -80,7 +81,13 @@ def run() -> list[dict]:
         root = Path(tmp)
         for size, layers in SIZES.items():
             folders = [root / size / name for name in ("base", "a", "b", "c")]
-            total = sum(_write(f, layers, seed) for seed, f in enumerate(folders))
+            # Written by a child: a merge process forked from a parent that held the tensors would report the
+            # parent's resident pages as its own peak.
+            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                            "from bench.merge import _write; "
+                            f"[_write(__import__('pathlib').Path(f), {layers}, s) for s, f in "
+                            f"enumerate({[str(f) for f in folders]!r})]"], check=True)
+            total = sum((f / "model.safetensors").stat().st_size for f in folders)
             for method in ("ties", "varm"):
                 params = {"weight": 1 / 3, "density": 0.5} if method == "ties" else {}
                 config = {"merge_method": method, "base_model": str(folders[0]), "dtype": "bfloat16",

@@ -115,8 +115,9 @@ def test_the_slerp_slices_form_reads_as_its_models(checkpoints, tmp_path):
 
 def test_varm_is_the_paper_s_formula_per_matrix(checkpoints, tmp_path):
     base, models = checkpoints
-    merged = fusion_merge({"merge_method": "varm", "base_model": base, "models": [{"model": m} for m in models]},
-                          tmp_path / "varm")
+    config = {"merge_method": "varm", "base_model": base, "models": [{"model": m} for m in models]}
+    run_merge(load_merge_config(config), tmp_path / "varm", progress=False, block_elements=64)  # several blocks
+    merged = load_file(tmp_path / "varm" / "model.safetensors")
     pivot, targets = load_file(f"{base}/model.safetensors"), [load_file(f"{m}/model.safetensors") for m in models]
     record = json.loads((tmp_path / "varm" / "merge.json").read_text())
     for name, p in pivot.items():
@@ -130,32 +131,48 @@ def test_varm_is_the_paper_s_formula_per_matrix(checkpoints, tmp_path):
     assert len({tuple(round(x, 3) for x in w) for w in record["weights"].values()}) > 5
 
 
-def test_both_sce_semantics(checkpoints):
+def sce(base, tensors, select_topk, masked):
+    merge = methods.TensorMerge("sce", select_topk=select_topk, masked_merge=masked)
+    merged = methods.merge_whole(merge, base, tensors)
+    return merged, merge.chosen
+
+
+def test_both_sce_semantics():
     torch.manual_seed(1)
     base = torch.randn(50, 7)
     tensors = [base + torch.randn(50, 7) * s for s in (0.1, 0.3, 0.2)]
     deltas = torch.stack([t - base for t in tensors])
-    mask = methods.sce_mask(deltas, 0.1)
+    variance = deltas.var(0, unbiased=False)
+    mask = variance >= variance.flatten().sort(descending=True).values[int(0.1 * 350) - 1]
     assert mask.sum() == int(0.1 * 350)
-    masked, release = methods.sce(base, tensors, 0.1, True), methods.sce(base, tensors, 0.1, False)
+    (masked, masked_w), (release, release_w) = sce(base, tensors, 0.1, True), sce(base, tensors, 0.1, False)
     # mergekit: only the selected entries move; the release: every entry does
     assert torch.equal(masked[~mask], base[~mask]) and (release[~mask] != base[~mask]).float().mean() > 0.9
     # both take their weights from the selected entries only
-    selected = deltas * mask
-    energy = selected.pow(2).flatten(1).mean(1)
-    assert methods.sce_weights(deltas, 0.1, True) == pytest.approx(energy / energy.sum())
-    assert methods.sce_weights(deltas, 0.1, False) == pytest.approx(energy / energy.sum())
+    energy = (deltas * mask).pow(2).flatten(1).mean(1)
+    assert masked_w == pytest.approx((energy / energy.sum()).tolist()) == release_w
     # where they agree on the elected sign, the release's entry is the weighted mean of the agreeing deltas
-    w = energy / energy.sum()
-    sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
-    agree = (deltas.sign() == sign).float()
-    expected = base + (w.view(-1, 1, 1) * agree * deltas).sum(0) / (w.view(-1, 1, 1) * agree).sum(0)
-    assert torch.allclose(release, expected, atol=1e-6)
+    w = (energy / energy.sum()).view(-1, 1, 1)
+    agree = (deltas.sign() == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)).float()
+    assert torch.allclose(release, base + (w * agree * deltas).sum(0) / (w * agree).sum(0), atol=1e-6)
     # tiny updates: mergekit's SCE falls back to uniform weights below a sum of 1e-6, the release does not
     small = [base + (t - base) * 1e-3 for t in tensors]
-    small_deltas = torch.stack([t - base for t in small])
-    assert methods.sce_weights(small_deltas, 0.1, True).tolist() == pytest.approx([1 / 3] * 3)
-    assert methods.sce_weights(small_deltas, 0.1, False) == pytest.approx(energy / energy.sum(), rel=1e-3)
+    assert sce(base, small, 0.1, True)[1] == pytest.approx([1 / 3] * 3)
+    assert sce(base, small, 0.1, False)[1] == pytest.approx((energy / energy.sum()).tolist(), rel=1e-3)
+
+
+def test_blocks_give_what_whole_tensors_give(checkpoints, tmp_path):
+    """Merging a few rows at a time (two passes for the methods that rank or weigh a whole tensor) writes the same
+    tensors as merging each tensor at once."""
+    base, models = checkpoints
+    for method, config in method_configs(base, models).items():
+        if method == "linear":
+            continue
+        whole = run_merge(load_merge_config(config), tmp_path / "whole", progress=False, block_elements=10**9)
+        blocks = run_merge(load_merge_config(config), tmp_path / "blocks", progress=False, block_elements=50)
+        a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
+        assert all(torch.allclose(a[k].float(), b[k].float(), rtol=2 ** -7, atol=1e-6) for k in a), method
+        assert whole["weights"].keys() == blocks["weights"].keys()
 
 
 def test_dare_keeps_a_density_share_rescaled_and_is_seeded(checkpoints, tmp_path):
@@ -210,3 +227,37 @@ def test_bad_configs_name_the_key(checkpoints, tmp_path):
     result = subprocess.run([sys.executable, "-m", "fusion.merge", str(path), str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no .safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_large_tensors_rank_by_threshold_and_keep_exactly_k(monkeypatch, checkpoints, tmp_path):
+    """Above `EXACT_TOP_K` entries TIES and SCE select by threshold: without ties that is the same selection as
+    mergekit's argsort; with ties (bf16 deltas have many) still exactly k entries, whatever the block size."""
+    torch.manual_seed(2)
+    base = torch.randn(40, 9)
+    tensors = [base + torch.randn(40, 9) * s for s in (0.1, 0.3, 0.2)]
+    exact = {m: methods.merge_whole(methods.TensorMerge(m, weights=[1, 1, 1], densities=[0.3] * 3, select_topk=0.2),
+                                    base, tensors) for m in ("ties", "sce")}
+    monkeypatch.setattr(methods, "EXACT_TOP_K", 0)
+    for m, expected in exact.items():
+        merge = methods.TensorMerge(m, weights=[1, 1, 1], densities=[0.3] * 3, select_topk=0.2)
+        assert torch.equal(methods.merge_whole(merge, base, tensors), expected), m
+    # ties: a delta of three values; a third of its entries kept, the tied ones first in order, in any blocks
+    delta = torch.tensor([0.5, 0.25, 0.25, 0.25, 0.0, 0.25] * 10).view(12, 5)
+    kept = []
+    for block_rows in (12, 5, 1):
+        merge = methods.TensorMerge("ties", weights=[1.0], densities=[1 / 3], normalize=False, numel=60)
+        blocks = [(torch.zeros(b.shape), [b]) for b in delta.split(block_rows)]
+        out = {}
+        methods.run_passes(merge, lambda i, blocks=blocks: blocks[i], len(blocks),
+                           lambda i, merged, out=out: out.setdefault(i, merged))
+        kept.append(torch.cat([out[i] for i in range(len(blocks))]))
+    assert all(torch.equal(k, kept[0]) for k in kept)
+    assert int((kept[0] != 0).sum()) == 20 and (kept[0] == 0.5).sum() == 10  # k = 20: every 0.5, then ten 0.25s
+    quarters = (delta.flatten() == 0.25).nonzero().flatten()
+    assert torch.equal(kept[0].flatten()[quarters] != 0, torch.arange(len(quarters)) < 10)  # the first ten
+    # and through the files: the threshold path in blocks writes what it writes whole
+    config = method_configs(*checkpoints)["ties"]
+    whole = run_merge(load_merge_config(config), tmp_path / "w", progress=False, block_elements=10**9)
+    blocked = run_merge(load_merge_config(config), tmp_path / "b", progress=False, block_elements=37)
+    a, b = load_file(tmp_path / "w" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert whole["tensors"] == blocked["tensors"] and all(torch.equal(a[k], b[k]) for k in a)

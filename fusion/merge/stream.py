@@ -1,6 +1,7 @@
-"""Merging checkpoints tensor by tensor, so that memory holds about one tensor per model, never a whole model.
+"""Merging checkpoints a block of rows at a time, so that memory holds a block per model, never a whole model.
 
-The inputs are read a tensor at a time (`Checkpoint`: plain reads of its byte range, not a memory map).
+The inputs are read a block of a tensor at a time (`Checkpoint`: plain reads of its byte range, not a memory map);
+`fusion.merge.methods` merges the blocks, in two passes for the methods that need a tensor's statistics first.
 The output's safetensors files are written as a stream: every output tensor has the base's shape and a known dtype,
 so each file's header (names, dtypes, shapes, byte offsets) is computed first and written, then each merged tensor's
 bytes as it is made. The folder gets the base's config (its dtype updated), generation config and the tokenizer of
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -35,6 +37,7 @@ _VOCAB = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embed
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 SHARD_BYTES = 5 * 2**30
+BLOCK_ELEMENTS = 2**22  # entries per model merged at once: 16 MB of float32
 
 
 class Checkpoint:
@@ -65,21 +68,34 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def rows(self, name: str, first: int, end: int, fallback=None) -> torch.Tensor:
+        """Rows ``first:end`` of tensor ``name`` (a 0-d or 1-d tensor's entries), read from its file. Rows this
+        checkpoint does not have (a vocabulary smaller than the base's) come from ``fallback(first, end)``."""
         if name not in self.where:
             raise FusionError(f"{self.folder}: has no tensor {name!r}, which the base has; merge models of one "
                               "architecture")
         file, start, entry = self.where[name]
         shape, dtype = self.shape_dtype(name)
-        begin, end = entry["data_offsets"]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
+        own_rows = shape[0] if shape else 1
+        if end > own_rows:
+            if fallback is None:
+                raise FusionError(f"{self.folder}: tensor {name!r} has {own_rows} rows, fewer than the base's")
+            head = self.rows(name, first, own_rows) if first < own_rows else None
+            tail = fallback(max(first, own_rows), end)
+            return tail if head is None else torch.cat([head.to(tail.dtype), tail])
+        row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+        size = torch.empty((), dtype=dtype).element_size()
+        begin = entry["data_offsets"][0] + first * row_numel * size
+        count = (end - first) * row_numel * size
+        block_shape = [end - first, *shape[1:]] if shape else []
+        if count == 0:
+            return torch.empty(block_shape, dtype=dtype)
         with open(file, "rb") as f:
             f.seek(start + begin)
-            data = bytearray(f.read(end - begin))
-        if len(data) != end - begin:
+            data = bytearray(f.read(count))
+        if len(data) != count:
             raise FusionError(f"{file}: tensor {name!r} is cut short; the file is truncated: re-save or re-download it")
-        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+        return torch.frombuffer(data, dtype=dtype).reshape(block_shape)
 
     def shape_dtype(self, name: str) -> tuple[list[int], torch.dtype]:
         entry = self.where[name][2]
@@ -90,20 +106,6 @@ class Checkpoint:
         return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _fit(tensor: torch.Tensor, base: torch.Tensor, name: str, model: Path) -> torch.Tensor:
-    """A model's tensor in the base's shape: vocabulary rows (or columns) beyond the base's dropped and missing ones
-    taken from the base (mergekit truncates; a missing row then has no delta); any other mismatch is an error."""
-    if tensor.shape == base.shape:
-        return tensor
-    if not any(v in name for v in _VOCAB) or tensor.dim() != base.dim():
-        raise FusionError(f"{model}: tensor {name!r} has shape {list(tensor.shape)}, the base {list(base.shape)}; "
-                          "merge models of one architecture and size")
-    fitted = base.clone()
-    common = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, base.shape))
-    fitted[common] = tensor[common].to(base.dtype)
-    return fitted
-
-
 def layer_position(name: str, num_layers: int) -> float:
     """Where a tensor sits in the stack, 0 (first layer) to 1 (last); 0 outside the layers, as mergekit does."""
     match = _LAYER.search(name)
@@ -112,38 +114,31 @@ def layer_position(name: str, num_layers: int) -> float:
     return int(match.group(1)) / (num_layers - 1)
 
 
-def merge_tensor(config: MergeConfig, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
-                 t: float, chosen: dict) -> torch.Tensor:
-    """One tensor of the merge; ``chosen`` receives the weights VaRM and SCE computed for it."""
+def tensor_merge(config: MergeConfig, name: str, t: float, numel: int) -> methods.TensorMerge:
+    """The merge of tensor ``name`` at layer position ``t``, its parameters resolved."""
     method = config.merge_method
 
     def each(key: str) -> list:
-        return [config.parameter(key, name, t, i) for i in range(len(config.models))]
+        return [float(config.parameter(key, name, t, i)) for i in range(len(config.models))]
 
     def shared(key: str):
         return config.parameter(key, name, t)
 
-    if method == "linear":
-        return methods.linear(tensors, each("weight"), shared("normalize"))
-    if method == "task_arithmetic":
-        return methods.task_arithmetic(base, tensors, each("weight"), shared("normalize"), shared("lambda"))
-    if method == "ties":
-        return methods.ties(base, tensors, each("weight"), each("density"), shared("normalize"), shared("lambda"))
+    merge = methods.TensorMerge(method, numel=numel)
+    if method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        merge.weights, merge.normalize = each("weight"), bool(shared("normalize"))
+    if method in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        merge.scale = float(shared("lambda"))
+    merge.densities = each("density") if method in ("ties", "dare_linear", "dare_ties") else [1.0] * len(
+        config.models)
     if method in ("dare_linear", "dare_ties"):
-        seed = int.from_bytes(hashlib.sha256(f"{shared('seed')}:{name}".encode()).digest()[:8], "little")
-        generator = torch.Generator().manual_seed(seed)
-        return methods.dare(base, tensors, each("weight"), each("density"), generator, method == "dare_ties",
-                            shared("normalize"), shared("rescale"), shared("lambda"))
+        merge.rescale = bool(shared("rescale"))
+        merge.seed = int.from_bytes(hashlib.sha256(f"{shared('seed')}:{name}".encode()).digest()[:6], "little")
     if method == "slerp":
-        other = next(x for m, x in zip(config.models, tensors) if m.model != config.base_model)
-        return methods.slerp(base, other, float(shared("t")))
-    deltas = torch.stack([x.float() - base.float() for x in tensors])
+        merge.t = float(shared("t"))
     if method == "sce":
-        masked = shared("sce_semantics") == "mergekit"
-        chosen[name] = methods.sce_weights(deltas, float(shared("select_topk")), masked).tolist()
-        return methods.sce(base, tensors, float(shared("select_topk")), masked)
-    chosen[name] = methods.varm_weights(deltas).tolist()
-    return methods.varm(base, tensors)
+        merge.select_topk, merge.masked_merge = float(shared("select_topk")), shared("sce_semantics") == "mergekit"
+    return merge
 
 
 def _header(names: list[str], shapes: dict, dtypes: dict) -> bytes:
@@ -159,8 +154,11 @@ def _header(names: list[str], shapes: dict, dtypes: dict) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def run_merge(config: MergeConfig, out: str | Path, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> dict:
-    """Merge ``config``'s models into the HF folder ``out`` (replaced if it exists); returns the merge record."""
+def run_merge(config: MergeConfig, out: str | Path, progress: bool = True, shard_bytes: int = SHARD_BYTES,
+              block_elements: int = BLOCK_ELEMENTS) -> dict:
+    """Merge ``config``'s models into the HF folder ``out`` (replaced if it exists); returns the merge record.
+
+    Tensors are merged ``block_elements`` entries (whole rows) at a time."""
     start, out = time.time(), Path(out)
     base = Checkpoint(config.base_model) if config.base_model else None
     models = [base if base and m.model == config.base_model else Checkpoint(m.model) for m in config.models]
@@ -192,19 +190,14 @@ def run_merge(config: MergeConfig, out: str | Path, progress: bool = True, shard
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     bar = tqdm(total=len(names), desc=f"merge {config.merge_method}", disable=not progress, dynamic_ncols=True)
+    inputs = models if config.merge_method != "slerp" else [
+        m for m, entry in zip(models, config.models) if entry.model != config.base_model]
     for file, shard in zip(files, shards):
         with open(tmp / file, "wb") as f:
             f.write(_header(shard, shapes, dtypes))
             for name in shard:
-                base_tensor = base.get(name) if base else None
-                fit_to = base_tensor if base_tensor is not None else reference.get(name)
-                tensors = [_fit(m.get(name), fit_to, name, m.folder) for m in models]
-                if not fit_to.dtype.is_floating_point:  # position ids, masks: the base's, unmerged
-                    merged = fit_to
-                else:
-                    merged = merge_tensor(config, name, base_tensor, tensors, layer_position(name, num_layers),
-                                          chosen)
-                f.write(merged.to(dtypes[name]).contiguous().view(torch.uint8).numpy().tobytes())
+                _merge_one(config, name, shapes[name], dtypes[name], reference, base, inputs,
+                           layer_position(name, num_layers), block_elements, f, chosen)
                 bar.update()
     bar.close()
     if len(files) > 1:
@@ -222,6 +215,42 @@ def run_merge(config: MergeConfig, out: str | Path, progress: bool = True, shard
         shutil.rmtree(out)
     os.replace(tmp, out)
     return record
+
+
+def _merge_one(config: MergeConfig, name: str, shape: list[int], dtype: torch.dtype, reference: Checkpoint,
+               base: Checkpoint | None, inputs: list[Checkpoint], t: float, block_elements: int, f,
+               chosen: dict) -> None:
+    """Merge tensor ``name`` block by block and append its bytes to the open file ``f``."""
+    rows = shape[0] if shape else 1
+    row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+    per_block = max(1, block_elements // max(row_numel, 1))
+    n_blocks = max(1, -(-rows // per_block))
+    for checkpoint in inputs:
+        own = checkpoint.shape_dtype(name)[0]
+        if own[1:] != shape[1:] or (own[:1] != shape[:1] and not any(v in name for v in _VOCAB)):
+            raise FusionError(f"{checkpoint.folder}: tensor {name!r} has shape {own}, the base {shape}; merge models "
+                              "of one architecture and size")
+
+    def span(i: int) -> tuple[int, int]:
+        return i * per_block, min(rows, (i + 1) * per_block)
+
+    if not reference.shape_dtype(name)[1].is_floating_point:  # position ids, masks: the base's, unmerged
+        for i in range(n_blocks):
+            f.write(reference.rows(name, *span(i)).contiguous().view(torch.uint8).numpy().tobytes())
+        return
+
+    def read(i: int):
+        first, end = span(i)
+        base_block = base.rows(name, first, end) if base else None
+        # vocabulary rows a model lacks are the base's (no delta); rows beyond the base's are never read
+        fallback = (lambda a, b: base.rows(name, a, b)) if base else None
+        return base_block, [m.rows(name, first, end, fallback) for m in inputs]
+
+    merge = tensor_merge(config, name, t, rows * row_numel)
+    methods.run_passes(merge, read, n_blocks, lambda i, merged: f.write(
+        merged.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()))
+    if merge.chosen is not None:
+        chosen[name] = merge.chosen
 
 
 def _copy_metadata(config: MergeConfig, reference: Checkpoint, folder: Path) -> None:

@@ -183,3 +183,18 @@ def test_prompts_from_a_dataset_of_prompts_or_conversations(tmp_path):
     (prompt,) = load_prompts(recipe)  # the conversation up to its last assistant turn
     assert [m["content"] for m in prompt["messages"]] == ["Hi", "Hello", "Bye?"]
     assert (prompt["skill"], prompt["reference"]) == ("arithmetic", 4)
+
+
+def test_two_ranks_sample_and_score_what_one_process_does(tmp_path, zoo_dir, cache_dir):
+    """DDP over two CPU processes: each rank samples and scores every other missing shard, and the files are the
+    ones a single process writes, byte for byte (batches are seeded by their first prompt, not by rank)."""
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"ranks{devices}"
+        ddp = {"trainer.devices": devices, "trainer.strategy": "ddp", "trainer.process_group_backend": "gloo"}
+        result = run_fit("--recipe", "sample.yaml", *sample_overrides(out, zoo_dir, cache_dir,
+                                                                       **(ddp if devices == 2 else {})), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = {p.relative_to(out): p.read_bytes() for p in shard_files(out)}
+    assert runs[1].keys() == runs[2].keys() and len(runs[1]) == 3 * 2 * -(-3 * PROMPTS // PER_SHARD)
+    assert all(runs[1][name] == runs[2][name] for name in runs[1])

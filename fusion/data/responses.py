@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
@@ -245,8 +246,9 @@ def sample_responses(sampling: SamplingConfig, sampler: SamplerConfig, model_pat
     encoded = {i: tokenizer.encode(encoder.render(prompts[i]["messages"], add_generation_prompt=True),
                                    add_special_tokens=False)
                for shard in missing for i in store.shard_prompts(shard)}
-    print(f"[fusion] sampling {sampler.label}: {len(missing)} of {store.n_shards} shards to sample, "
-          f"{sampling.n} responses per prompt -> {store.folder}")
+    if rank_zero_only.rank == 0:
+        print(f"[fusion] sampling {sampler.label}: {len(missing)} of {store.n_shards} shards to sample, "
+              f"{sampling.n} responses per prompt -> {store.folder}")
     if sampling.backend == "vllm":
         _sample_vllm(sampling, sampler, model_path, encoded, missing, store, seed, stops, row, dtype)
         return

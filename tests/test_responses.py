@@ -90,6 +90,12 @@ def test_a_rerun_samples_only_the_missing_shard_and_writes_what_it_had(sample_ru
     rewritten = {p for p in after if after[p][1] != before[p][1]}
     assert {p.name.split("-")[-1] for p in rewritten} == {lost.name.split("-")[-1]}  # that shard and its scores
     assert all(after[p][0] == before[p][0] for p in after)  # seeded per batch: the same responses again
+    # scores lost with the records intact: the score stage sees it and scores only that shard again
+    score_file = next(p for p in after if p.name.startswith("scores-"))
+    score_file.unlink()
+    result = run_fit("--recipe", "sample.yaml", *sample_overrides(out, zoo_dir, cache_dir), timeout=600)
+    assert result.returncode == 0 and "shards to sample" not in result.stdout, result.stderr[-3000:]
+    assert "are missing; running it again" in result.stdout and score_file.read_text() == after[score_file][0]
 
 
 def test_code_that_loops_or_allocates_without_bound_is_stopped_and_fails():

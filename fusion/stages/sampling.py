@@ -19,7 +19,7 @@ import torch
 from fusion.data.prepare import uses_gpu
 from fusion.data.representations import model_fingerprint, resolve_dtype
 from fusion.data.responses import SAMPLE_FORMAT, ResponseStore, load_prompts, prompts_fingerprint, sample_responses
-from fusion.data.rewards import read_scores, score_store, scores_key
+from fusion.data.rewards import read_scores, score_store, scores_key, scores_path
 from fusion.report import plot_accuracy
 from fusion.stages.base import Stage
 from fusion.trainer import build_predict_trainer
@@ -113,6 +113,13 @@ class Score(Stage):
         parts = ["rule verifiers"] if c.verify else []
         parts += [f"reward model {c.reward_model}"] if c.reward_model else []
         return f"score every response: {' + '.join(parts) or 'nothing (scoring.verify false, no reward model)'}"
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        for label, model in ctx.record("sample")["models"].items():
+            store = _store(model)
+            if missing := [s for s in range(store.n_shards) if not scores_path(store, result["key"], s).exists()]:
+                return f"the scores of {label}'s shards {missing[:5]} are missing"
+        return None if (ctx.dir / "sampling.md").is_file() else "sampling.md is missing"
 
     def run(self, ctx) -> dict:
         r, sampled = ctx.recipe, ctx.record("sample")

@@ -155,7 +155,6 @@ def test_bad_sampling_keys_are_named(tmp_path, zoo_dir, cache_dir):
 
 
 def test_the_vllm_backend_without_vllm_says_how_to_install_it(tmp_path, zoo_dir, cache_dir):
-    pytest.importorskip("lightning")
     try:
         import vllm  # noqa: F401
         pytest.skip("vLLM is installed: the guard does not apply")

@@ -40,7 +40,7 @@ from fusion.data.store import STORE_FORMAT, ChunkPredictions, TeacherStore, id_d
 from fusion.data.text import load_tokenizer, tokenizer_fingerprint
 from fusion.errors import FusionError, first_line
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
@@ -147,7 +147,7 @@ class TeacherModule(pl.LightningModule):
             extra["device_map"] = {"": str(device)}  # quantized weights are made on their device, never moved
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=_DTYPES[self.dtype_name], trust_remote_code=self.trust_remote_code,
+                self.model_path, dtype=DTYPES[self.dtype_name], trust_remote_code=self.trust_remote_code,
                 attn_implementation=self.attn_implementation, **extra)
         except (OSError, ValueError, ImportError) as err:
             raise FusionError(f"cannot load teacher {self.model_path!r}: {first_line(err)}") from None

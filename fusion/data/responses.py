@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,13 +31,13 @@ from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
 from fusion.config import Recipe, SamplerConfig, SamplingConfig
+from fusion.data.cache import atomic_write
 from fusion.data.chat import ChatEncoder, conversation_columns, normalise_prompt
-from fusion.data.representations import FixedBatches
+from fusion.data.representations import DTYPES, FixedBatches
 from fusion.data.skills import SPLITS, skill_conversations
 from fusion.data.text import load_splits, load_tokenizer
 from fusion.errors import FusionError, first_line
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLE_FORMAT = 1  # bump when a shard's rows change
 EMBEDDED_PROMPTS = 100  # per skill, when sampling.prompts is not set
 
@@ -128,11 +127,9 @@ class ResponseStore:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSON lines, written to a temporary name and renamed: a file that exists is whole."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+    """``rows`` as JSON lines, written to a temporary name and renamed (`atomic_write`): a file that exists is
+    whole."""
+    atomic_write(path, lambda f: f.writelines((json.dumps(row) + "\n").encode() for row in rows))
 
 
 def sampling_seed(seed: int, label: str, prompt_index: int) -> int:
@@ -157,7 +154,7 @@ class SamplerModule(pl.LightningModule):
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[self.dtype_name],
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=DTYPES[self.dtype_name],
                                                          trust_remote_code=self.sampler.trust_remote_code)
         except (OSError, ValueError, ImportError) as err:
             raise FusionError(f"cannot load sampling model {self.model_path!r}: {first_line(err)}") from None

@@ -29,13 +29,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from fusion.config import ScoringConfig
-from fusion.data.representations import FixedBatches
+from fusion.data.representations import DTYPES, FixedBatches
 from fusion.data.responses import ResponseStore, write_jsonl
 from fusion.data.skills import SKILLS
 from fusion.data.verify import check_many
 from fusion.errors import FusionError, first_line
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VERIFIERS_VERSION = 1  # bump when a verifier judges differently
 
 
@@ -118,7 +117,7 @@ def load_reward_model(path: str, dtype: str, trust_remote_code: bool, pad_id: in
     from transformers import AutoModelForSequenceClassification
 
     model = _loading(path, trust_remote_code, lambda: AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code))
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code))
     model.config.pad_token_id = pad_id  # `reward_pad_id`: the config's own when it has one
     return model.eval()
 

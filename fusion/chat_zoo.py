@@ -233,8 +233,6 @@ def _sft(model, examples: dict[str, list], mixture: dict[str, float], steps: int
     """
     from tqdm.auto import tqdm
 
-    from fusion.zoo import optimizer_step  # here: fusion.zoo imports this module
-
     skills = list(mixture)
     weights = torch.tensor([mixture[s] for s in skills])
 
@@ -259,7 +257,11 @@ def _sft(model, examples: dict[str, list], mixture: dict[str, float], steps: int
         input_ids, attention_mask, labels = _pad(batches.pop(), pad_id)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        optimizer_step(model, optimizer, loss, bar)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
 

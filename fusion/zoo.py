@@ -617,17 +617,12 @@ def _train(model, streams, weights, steps: int, cfg: _Size, generator, desc: str
         x = _batch(streams, weights, cfg, generator)
         logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        optimizer_step(model, optimizer, loss, bar)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
-
-
-def optimizer_step(model, optimizer, loss: torch.Tensor, bar) -> None:
-    """Backward, clip the gradient norm to 1, step, and show the loss on the progress bar (the zoo's trainers)."""
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
 # Qwen2.5-1.5B-shape model against HF's and liger-kernel's, memory and gradients included), then the
 # teacher-extraction benchmark (predict_step against a bare bf16 forward at 32k and 152k), then the embedded
 # FuseLLM default end to end under FSDP with activation checkpointing (FULL=1: also the whole default in
-# bf16-mixed). ONLY="kernel_tests extraction" runs just those steps; FUSELLM_EXTRA adds recipe overrides.
+# bf16-mixed), then FuseChat's embedded default in bf16-mixed. ONLY="kernel_tests extraction" runs just
+# those steps; FUSELLM_EXTRA adds recipe overrides.
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Missing packages can come as wheels in .whl/ (liger-kernel, datasets, rapidfuzz, ...), and a built zoo
 # in .gpu/zoo (FUSION_ZOO_DIR), so the machine needs no network.
@@ -20,7 +21,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false FUSION_CACHE=${FUSION_CACHE:-/tmp/fusion-cache}
 [ -d .gpu/zoo ] && export FUSION_ZOO_DIR=$PWD/.gpu/zoo
 common="wandb.mode=disabled trainer.accelerator=gpu"
-only=${ONLY:-kernel_tests fusion_step extraction fusellm_fsdp}
+only=${ONLY:-kernel_tests fusion_step extraction fusellm_fsdp fusechat_bf16_mixed}
 step() {  # name, seconds, command...: run it with a time limit, keep its log, print its tail and exit code
   local name=$1 limit=$2; shift 2
   [[ " $only " == *" $name "* ]] || return 0
@@ -39,6 +40,13 @@ cat "$out"/fusion_step.log "$out"/extraction.log 2>/dev/null | grep '^{' > "$out
 step fusellm_fsdp 110 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/fsdp trainer.strategy=fsdp \
   "fsdp.wrap=[LlamaDecoderLayer]" fsdp.activation_checkpointing=true trainer.precision=bf16-mixed \
   trainer.max_steps=60 trainer.val_every_n_steps=60 $common ${FUSELLM_EXTRA:-}
+# FuseChat's embedded default end to end on the GPU in bf16-mixed: extraction, two pairs, the merge, the evaluation
+# (needs the chat zoo in .gpu/zoo too).
+step fusechat_bf16_mixed 420 $py -m fusion.fit --recipe fusechat.yaml output_dir=/tmp/gpu/fusechat \
+  trainer.precision=bf16-mixed $common
+step fusechat_fsdp 240 $py -m fusion.fit --recipe fusechat.yaml output_dir=/tmp/gpu/fusechat-fsdp trainer.strategy=fsdp \
+  "fsdp.wrap=[LlamaDecoderLayer]" fsdp.activation_checkpointing=true trainer.precision=bf16-mixed \
+  trainer.max_steps=200 trainer.val_every_n_steps=200 evaluate.questions=50 $common
 [ "${FULL:-0}" = 1 ] && only="$only fusellm_bf16_mixed" && step fusellm_bf16_mixed 130 $py -m fusion.fit --recipe fusellm.yaml output_dir=/tmp/gpu/bf16 \
   trainer.precision=bf16-mixed $common
 echo "== summary"

@@ -275,6 +275,22 @@ class FusionConfig:
 
 
 @dataclass
+class MergeSettings:
+    """How FuseChat merges its pairwise targets in parameter space (`fusion.merge`), the pivot as the base model."""
+
+    method: Literal["varm", "sce", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "linear"] = "varm"
+    """FuseChat's VaRM (v1: per-matrix weights from each target's mean squared update), SCE (v2), or one of mergekit's
+    methods over the same targets."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Method-wide parameters as mergekit's config writes them: `select_topk` and `sce_semantics` (sce), `density`,
+    `normalize`, `lambda`, `t` (slerp: a number, a list over the layers, or `{filter, value}` items), `seed` (dare)."""
+    model_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per source (its teacher label): its pairwise target's own parameters, e.g. `{weight: 0.5, density: 0.6}`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The merged weights' dtype; `auto`: the pivot's."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -363,7 +379,9 @@ class Recipe:
     baseline every fusion run is compared with); `fusellm`, FuseLLM, training on the fused distributions of
     `teachers` (chunks -> representations -> alignment); `sft`, supervised fine-tuning of a chat model on the
     assistant's turns of `chat` conversations; `sample`, responses of `sampling.models` to prompts, scored by
-    verifiers and a reward model (`scoring`)."""
+    verifiers and a reward model (`scoring`); `chat-fusion`, a chat model trained on conversations and the fused
+    distributions of `teachers` (FuseChat's pairwise step with one source and the pivot, its Multi baseline with
+    all); `fusechat`, FuseChat: one `chat-fusion` pair per source of `teachers`, merged (`merge`)."""
     output_dir: str | None = None
     """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
     seed: int = 42
@@ -386,6 +404,8 @@ class Recipe:
     """Source models for fusion methods, any number, any tokenizers."""
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    """FuseChat: how the pairwise targets are merged."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)

@@ -2,11 +2,12 @@
 
 `Run` is the orchestrator. It locks the run folder for its lifetime (``.lock``: a second process on
 the same folder is refused; the lock dies with its process), claims it (``recipe.yaml``; a different
-recipe in the same folder is refused), runs the method's stages (`fusion.methods`) in order, records
-each finished one in ``stages/NAME.json`` with its key, and on a re-run skips every stage whose record
-has the key it would have now; a stage whose key changed runs again, and so does everything that
-reads it. A stage whose record is current but whose outputs are missing or damaged (`Stage.damaged`)
-runs again to repair them; what reads it runs again only if the repaired result differs.
+recipe in the same folder is refused, but for the method's `open_keys`), runs the method's stages
+(`fusion.methods`) in order, records each finished one in ``stages/NAME.json`` with its key, and on a
+re-run skips every stage whose record has the key it would have now; a stage whose key changed runs
+again, and so does everything that reads it. A stage whose record is current but whose outputs are
+missing or damaged (`Stage.damaged`) runs again to repair them; what reads it runs again only if the
+repaired result differs.
 
 Under several processes every rank runs this file; files are written by global rank 0 only.
 """
@@ -106,10 +107,11 @@ class Run:
         """The module class, its own arguments and its objective, for results and the plan."""
         return self.method.describe_module(self.recipe)
 
-    def child(self, label: str, recipe: Recipe, stages: tuple[Stage, ...]) -> Run:
-        """A sub-run of ``stages`` in ``DIR/branches/LABEL`` (`fusion.stages.subruns`); sets ``recipe``'s folder."""
+    def child(self, label: str, recipe: Recipe, stages: tuple[Stage, ...], method: Method | None = None) -> Run:
+        """A sub-run of ``stages`` (of ``method``, default this run's) in ``DIR/branches/LABEL``
+        (`fusion.stages.subruns`); sets ``recipe``'s folder."""
         recipe.output_dir = str(self.dir / "branches" / label)
-        return Run(recipe, self.extra_callbacks, self.method, stages)
+        return Run(recipe, self.extra_callbacks, method or self.method, stages)
 
     # -- the folder --------------------------------------------------------------------------------
     def lock_folder(self) -> None:
@@ -141,7 +143,8 @@ class Run:
                                                   "kept)"))
             for key, value in flatten(resolved).items():
                 # a key missing from the saved recipe did not exist when it was written: not a difference
-                if not within(key, NOT_COMPUTED) and key in saved and saved[key] != value:
+                changeable = within(key, NOT_COMPUTED) or within(key, self.method.open_keys)
+                if not changeable and key in saved and saved[key] != value:
                     raise FusionError(
                         f"{self.dir} holds a run of a different recipe ({key}: {saved.get(key)!r} there, "
                         f"{value!r} now); resume with the same recipe, or start anew with output_dir=runs/NEW_NAME")

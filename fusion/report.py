@@ -20,15 +20,19 @@ def perplexity_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def accuracy_table(accuracy: dict[str, dict[str, float]], percent: bool = True) -> str:
-    """A Markdown table of ``{"before": {skill: value}, "after": {skill: value}}``: one row per skill, in % (or as
-    they are, for rewards)."""
+    """A Markdown table of ``{group: {skill: value}}``: one row per skill, one column per group (``before`` and
+    ``after`` get a ``change`` column), in % (or as they are, for rewards)."""
     def show(value: float, sign: str = "") -> str:
         return f"{100 * value:{sign}.1f}" + (" %" if not sign else "") if percent else f"{value:{sign}.4f}"
 
-    lines = ["| skill | before | after | change |", "|---|---|---|---|"]
-    for skill, after in accuracy["after"].items():
-        before = accuracy["before"][skill]
-        lines.append(f"| {skill} | {show(before)} | {show(after)} | {show(after - before, '+')} |")
+    groups = list(accuracy)
+    change = groups == ["before", "after"]
+    lines = ["| skill | " + " | ".join(groups + ["change"] * change) + " |", "|---" * (len(groups) + 1 + change) + "|"]
+    for skill in accuracy[groups[-1]]:
+        cells = [show(accuracy[g][skill]) if skill in accuracy[g] else "–" for g in groups]
+        if change:
+            cells.append(show(accuracy["after"][skill] - accuracy["before"][skill], "+"))
+        lines.append(f"| {skill} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -37,8 +41,8 @@ def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str,
     """`results.json` and `results.md` in the run folder; returns the Markdown.
 
     ``module`` names what was trained: ``{"class", "args", "objective"}``; ``extra``: more results for results.json
-    (an ``accuracy`` among them, ``{"before": {skill: value}, "after": ...}``, is also a table in results.md).
-    """
+    (an ``accuracy`` among them, ``{"before": {skill: value}, "after": ...}`` or one group per model, is also a table
+    in results.md)."""
     extra = extra or {}
     (run_dir / "results.json").write_text(json.dumps({"validation": rows, "module": module, "sample": sample, **extra},
                                                      indent=2))

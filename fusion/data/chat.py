@@ -49,7 +49,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fusion.config import ChatConfig, DataConfig
+from fusion.config import ChatConfig, DataConfig, Recipe
 from fusion.data.cache import build_once
 from fusion.data.sampling import ResumableLoader, train_loader, validation_loaders
 from fusion.data.skills import skill_conversations
@@ -64,7 +64,7 @@ from fusion.data.text import (
 from fusion.errors import FusionError, first_line
 
 # Bump when the encoding below changes, so stale caches are not reused.
-_ENCODING_VERSION = 2  # 2: validation sets in named folders (per skill for the embedded tasks)
+_ENCODING_VERSION = 3  # 2: validation sets in named folders (per skill for the embedded tasks); 3: the text
 IGNORE_INDEX = -100
 Message = dict[str, str]
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -104,6 +104,8 @@ class Encoded(NamedTuple):
     """Assistant turns left out (with the user turns before them) to fit ``max_length``."""
     cut: bool
     """The first exchange alone was too long and was cut at ``max_length`` tokens."""
+    text: str = ""
+    """The rendered text that ``input_ids`` tokenize (up to the cut, if cut): what chat fusion's teachers read."""
 
     @property
     def status(self) -> str:
@@ -357,26 +359,28 @@ class ChatEncoder:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         text, spans, turn_ends = self.assistant_spans(messages[:last + 1], row)
         ids, labels, starts = self._tokenize(text, spans)
-        keep, cut = len(spans), False
+        keep, cut, end = len(spans), False, len(text)
         if len(ids) > self.max_length:
             # The renders are prefix-consistent, so the conversation up to assistant turn k is text[:turn_ends[k]].
             # The tokens starting before that end estimate its length; re-tokenizing it gives the exact ids, one turn
             # less while a token across the cut makes it one too long.
             keep = int(np.searchsorted([np.searchsorted(starts, end) for end in turn_ends], self.max_length, "right"))
             while keep > 0:
-                ids, labels, _ = self._tokenize(text[:turn_ends[keep - 1]], spans[:keep])
+                end = turn_ends[keep - 1]
+                ids, labels, _ = self._tokenize(text[:end], spans[:keep])
                 if len(ids) <= self.max_length:
                     break
                 keep -= 1
             if keep == 0:  # even the first exchange is too long: cut it
-                keep = 1
-                ids, labels, _ = self._tokenize(text[:turn_ends[0]], spans[:1])
+                keep, end = 1, turn_ends[0]
+                ids, labels, starts = self._tokenize(text[:end], spans[:1])
                 cut = len(ids) > self.max_length
-                ids, labels = ids[:self.max_length], labels[:self.max_length]
+                if cut:  # the text up to the first token left out
+                    ids, labels, end = ids[:self.max_length], labels[:self.max_length], int(starts[self.max_length])
         # Labels are targets of the position before them: one at position 0 is never trained.
         if all(label == IGNORE_INDEX for label in labels[1:]):
             return None
-        return Encoded(ids, labels, turns_dropped=len(spans) - keep, cut=cut)
+        return Encoded(ids, labels, turns_dropped=len(spans) - keep, cut=cut, text=text[:end])
 
 
 # --- the data module ----------------------------------------------------------------------------------------------
@@ -430,9 +434,11 @@ class ChatDataModule(pl.LightningDataModule):
         self.counts: dict[str, dict[str, int]] = {}
         self.pad_id: int | None = None
 
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.tokenizer_path, self.trust_remote_code)
+
     def _encoder(self) -> ChatEncoder:
-        tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
-        return ChatEncoder(tokenizer, self.chat.template, self.chat.max_length)
+        return ChatEncoder(self.tokenizer(), self.chat.template, self.chat.max_length)
 
     def cache_path(self) -> Path:
         encoder, d, c = self._encoder(), self.data, self.chat
@@ -460,7 +466,7 @@ class ChatDataModule(pl.LightningDataModule):
         source, skip = self.data.source, self.chat.skip_malformed
 
         def encode_rows(batch: dict, indices: list[int]) -> dict:
-            out = {"input_ids": [], "labels": [], "status": []}
+            out = {"input_ids": [], "labels": [], "text": [], "status": []}
             for offset, index in enumerate(indices):
                 row = {name: batch[name][offset] for name in columns}
                 try:
@@ -473,12 +479,13 @@ class ChatDataModule(pl.LightningDataModule):
                     status = "dropped" if encoded is None else encoded.status
                 out["input_ids"].append(encoded.input_ids if encoded else [])
                 out["labels"].append(encoded.labels if encoded else [])
+                out["text"].append(encoded.text if encoded else "")
                 out["status"].append(status)
             return out
 
         features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                       "labels": datasets.Sequence(datasets.Value("int32")),
-                                      "status": datasets.Value("string")})
+                                      "text": datasets.Value("string"), "status": datasets.Value("string")})
         workers = self.data.preprocessing_workers
         # datasets writes a map's output next to its input by default: into a save_to_disk source folder, whose
         # content, hence fingerprint and cache key, would change. So it goes to ``work``.
@@ -548,7 +555,7 @@ class ChatDataModule(pl.LightningDataModule):
         self.train_set = datasets.load_from_disk(str(target / "train"))
         self.validation_sets = {name: datasets.load_from_disk(str(target / "validation" / name))
                                 for name in done["validation"]}
-        self.pad_id = load_tokenizer(self.tokenizer_path, self.trust_remote_code).pad_token_id
+        self.pad_id = self.tokenizer().pad_token_id
         if rank_zero_only.rank == 0:  # once: setup() returns early from now on
             for split, counts in self.counts.items():
                 print(f"[fusion] chat data, {split}: {summary(counts, self.chat.max_length)}", file=sys.stderr)
@@ -564,3 +571,10 @@ class ChatDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return validation_loaders(list(self.validation_sets.values()), self.batch_size, self.trainer,
                                   self.data.num_workers, partial(pad_batch, pad_id=self.pad_id))
+
+
+def chat_datamodule(recipe: Recipe, tokenizer_path: str) -> ChatDataModule:
+    """The recipe's conversations, tokenized by the model's tokenizer and rendered with `chat.template` (default: the
+    tokenizer's own)."""
+    return ChatDataModule(recipe.data, recipe.chat, tokenizer_path, recipe.trainer.batch_size, seed=recipe.seed,
+                          trust_remote_code=recipe.model.trust_remote_code)

@@ -9,13 +9,15 @@ predicting the next BOS) gets the gold one-hot, as a fallback.
 
     input_ids        [B, L]        target tokens (padded with the pad id)
     attention_mask   [B, L]
-    labels           [B, L]        input_ids, -100 on padding
+    labels           [B, L]        input_ids, -100 on padding (conversations: their labels, -100 but on the
+                                   assistant's tokens; `fusion.data.chat_chunks`)
     teacher_ids      [B, T, L, k]  teacher t's candidates for the token after position l, in target ids
     teacher_logprobs [B, T, L, k]  their log-probs (-inf for dropped / pooled entries; a one-hot 0 where
                                    the alignment fell back to the gold token)
     teacher_ce       [B, T]        teacher t's mean CE on its own tokens of the row's chunks
     teacher_ce_per_target_token [B, T]  its summed CE over the row's chunks / the row's target predictions
-                                   (comparable across tokenizers: a fine tokenizer's own-token CE is lower)
+                                   (comparable across tokenizers: a fine tokenizer's own-token CE is lower);
+                                   conversations: both are `trained_cross_entropy`, over the assistant's tokens
     teacher_token_ce [B, T, L]     its CE on target token l+1 under its aligned distribution at l, a
                                    probability below 1e-4 (or none: not a candidate) counted as 1e-4;
                                    0 where it fell back (fusion's span and token levels skip those)
@@ -93,6 +95,16 @@ def gold_cross_entropy(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray, 
     return np.where(fallback, 0.0, -np.log(np.maximum(p, _MISS_PROB))).astype(np.float32)
 
 
+def trained_cross_entropy(token_ce: np.ndarray, fallback: np.ndarray, labels: np.ndarray) -> float:
+    """A teacher's mean CE on the target's labelled next tokens where it has an aligned prediction (a fallback is the
+    gold one-hot, CE 0, and would flatter a teacher that aligns badly); `_MISS_PROB`'s CE where it has none.
+
+    FuseChat's per-sequence MinCE compares the pivot and a source on the assistant's tokens: this is that CE in target
+    tokens, which compares teachers with different tokenizers fairly (the original scores each in its own tokens)."""
+    scored = (labels[1:] != -100) & ~fallback
+    return float(token_ce[scored].mean()) if scored.any() else float(-np.log(_MISS_PROB))
+
+
 class FusedBatches(IterableDataset):
     """Yields collated batches (see the module docstring) for one rank, from batch ``start`` of ``epoch``."""
 
@@ -156,7 +168,7 @@ class FusedBatches(IterableDataset):
         if self._chunks is None:
             self._chunks, _ = load_chunk_set(self.chunk_folder)
         n_teachers = len(self.teachers)
-        parts, per_teacher = [], [[] for _ in range(n_teachers)]
+        parts, labels, per_teacher = [], [], [[] for _ in range(n_teachers)]
         nll, predictions = np.zeros(n_teachers), np.zeros(n_teachers)  # the teachers' summed CE and its positions
         for chunk_id in range(first, first + self.row_size[first]):
             chunk = self._chunks[chunk_id]
@@ -181,10 +193,14 @@ class FusedBatches(IterableDataset):
                 nll[t] += row["chunk_ce"] * (len(row["tokens"]) - 1)
                 predictions[t] += len(row["tokens"]) - 1
             parts.append(target[skip:])
-        target = np.concatenate(parts)
+            labels.append(np.asarray(chunk["labels"], dtype=np.int64)[skip:] if "labels" in chunk else target[skip:])
+        target, labels = np.concatenate(parts), np.concatenate(labels)
         teachers = [(*(np.concatenate(arrays) for arrays in zip(*pieces)), nll[t] / max(predictions[t], 1),
                      nll[t] / max(len(target) - 1, 1)) for t, pieces in enumerate(per_teacher)]
-        return {"input_ids": target, "teachers": teachers}
+        if "labels" in chunk:  # a conversation (`fusion.data.chat_chunks`): judge teachers on the trained tokens only
+            teachers = [(*arrays, ce, ce) for *arrays, _, _ in teachers
+                        for ce in [trained_cross_entropy(arrays[3], arrays[2], labels)]]
+        return {"input_ids": target, "labels": labels, "teachers": teachers}
 
     def collate(self, firsts: np.ndarray) -> dict:
         """The rows starting at chunks ``firsts``, collated."""
@@ -204,7 +220,7 @@ class FusedBatches(IterableDataset):
         t_fallback = np.ones((b, t, length), dtype=bool)
         for n, e in enumerate(examples):
             size = len(e["input_ids"])
-            input_ids[n, :size] = labels[n, :size] = e["input_ids"]
+            input_ids[n, :size], labels[n, :size] = e["input_ids"], e["labels"]
             mask[n, :size] = 1
             for j, (ids, lp, fallback, token_ce, ce, ce_target) in enumerate(e["teachers"]):
                 t_ids[n, j, :size - 1], t_lp[n, j, :size - 1] = ids, lp

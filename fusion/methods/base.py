@@ -36,6 +36,9 @@ class Method:
     summary: str = ""
     stages: tuple[Stage, ...] = ()
     module: type | None = None
+    open_keys: tuple[str, ...] = ()
+    """Recipe keys that may change in an existing run folder (the stages whose keys depend on them run again);
+    any other change is refused, so that results are never mixed."""
 
     # -- recipe --------------------------------------------------------------------------------
     def check(self, recipe: Recipe) -> None:

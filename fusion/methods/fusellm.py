@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.config import Recipe
+from fusion.config import Recipe, TeacherConfig
 from fusion.data.fused import FusionDataModule, loader_memory
 from fusion.data.prepare import align_teachers
 from fusion.data.text import load_tokenizer
@@ -17,6 +17,18 @@ from fusion.methods.clm import text_datamodule
 from fusion.modules.fusellm import FuseLLMModule
 from fusion.stages.teachers import Alignment, Representations
 from fusion.stages.training import Baseline, Evaluate, Export, Train
+
+
+def fusion_plan(recipe: Recipe, teachers: list[TeacherConfig]) -> list[str]:
+    """The plan's lines on the teachers, their representations and how they are fused."""
+    f, rep = recipe.fusion, recipe.representations
+    listed = ", ".join(f"{t.label} ({t.path}" + (f", {t.quantization}" if t.quantization != "none" else "") + ")"
+                       for t in teachers)
+    chunks = "all chunks" if rep.max_chunks is None else f"first {rep.max_chunks} chunks"
+    return [f"teachers  {listed}",
+            f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, {chunks}, batch {rep.batch_size}",
+            f"fusion    {f.function} at {f.level_label}, {f.alignment} alignment, lambda {f.clm_weight:g} "
+            f"({f.clm_weight_schedule}), top-k tail {f.tail}, temperature {f.temperature:g}"]
 
 
 class FuseLLM(Method):
@@ -31,15 +43,7 @@ class FuseLLM(Method):
                               "e.g. teachers: [{path: zoo:gpt2-code}]")
 
     def plan(self, recipe: Recipe) -> list[str]:
-        f, rep = recipe.fusion, recipe.representations
-        teachers = ", ".join(f"{t.label} ({t.path}" + (f", {t.quantization}" if t.quantization != "none" else "") + ")"
-                             for t in recipe.teachers)
-        chunks = "all chunks" if rep.max_chunks is None else f"first {rep.max_chunks} chunks"
-        return [f"teachers  {teachers}",
-                f"reps      top-{rep.top_k}, {rep.chunks_per_shard} chunks per shard, {chunks}, batch {rep.batch_size}",
-                f"fusion    {f.function} at {f.level_label}, {f.alignment} alignment, lambda {f.clm_weight:g} "
-                f"({f.clm_weight_schedule}), top-k tail {f.tail}, temperature {f.temperature:g}",
-                f"loader    {loader_memory(recipe).describe()}"]
+        return [*fusion_plan(recipe, recipe.teachers), f"loader    {loader_memory(recipe).describe()}"]
 
     def datamodule(self, ctx) -> FusionDataModule:
         r = ctx.recipe
@@ -48,9 +52,13 @@ class FuseLLM(Method):
             r, r.fusion.alignment, Path(reps["chunks"]), reps["chunk_info"])
         bad = {c for rate in rates.values() for c in rate["bad_chunks"]}
         tokenizer = load_tokenizer(ctx.tokenizer_path, r.model.trust_remote_code)
-        return FusionDataModule(Path(reps["chunks"]), teachers, reps["used_chunks"], bad, text_datamodule(ctx),
+        return FusionDataModule(Path(reps["chunks"]), teachers, reps["used_chunks"], bad, self.validation_data(ctx),
                                 r.trainer.batch_size, r.seed, keep_exact_only=r.fusion.alignment == "exact",
                                 pad_id=tokenizer.pad_token_id, num_workers=r.data.num_workers)
+
+    def validation_data(self, ctx):
+        """The data module whose held-out sets validation reads: the corpus's text blocks."""
+        return text_datamodule(ctx)
 
     def module_kwargs(self, recipe: Recipe) -> dict:
         return {"fusion": recipe.fusion, "teacher_labels": tuple(t.label for t in recipe.teachers)}

@@ -9,18 +9,22 @@ with a `Method` subclass, registered with `register` (or listed in `METHODS` for
     fusellm   representations -> alignment -> baseline -> train -> export -> evaluate
     sft       baseline -> accuracy -> train -> export -> evaluate
     sample    sample -> score
+    chat-fusion   representations -> alignment -> baseline -> accuracy -> train -> export -> evaluate
+    fusechat  baseline -> accuracy -> pairs (a chat-fusion run per source) -> merge -> evaluate
 """
 
 from __future__ import annotations
 
 from fusion.errors import FusionError
 from fusion.methods.base import Method
+from fusion.methods.chat_fusion import ChatFusion
 from fusion.methods.clm import CLM
+from fusion.methods.fusechat import FuseChat
 from fusion.methods.fusellm import FuseLLM
 from fusion.methods.sample import SampleMethod
 from fusion.methods.sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT(), SampleMethod())}
+METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT(), SampleMethod(), ChatFusion(), FuseChat())}
 
 
 def register(method: Method) -> Method:

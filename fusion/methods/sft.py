@@ -13,20 +13,13 @@ import importlib.util
 from pathlib import Path
 
 from fusion.config import Recipe
-from fusion.data.chat import ChatDataModule
+from fusion.data.chat import ChatDataModule, chat_datamodule
 from fusion.data.skills import SKILLS
 from fusion.errors import FusionError
 from fusion.methods.base import Method
 from fusion.modules.sft import SFTModule
 from fusion.stages.chat import ACCURACY, Accuracy, ChatEvaluate
 from fusion.stages.training import EVALUATION, TRAINING, Baseline, Export, Train
-
-
-def chat_datamodule(ctx) -> ChatDataModule:
-    """The recipe's conversations, tokenized by the target's tokenizer and rendered with its chat template."""
-    r = ctx.recipe
-    return ChatDataModule(r.data, r.chat, ctx.tokenizer_path, r.trainer.batch_size, seed=r.seed,
-                          trust_remote_code=r.model.trust_remote_code)
 
 
 def check_chat(recipe: Recipe) -> None:
@@ -72,4 +65,4 @@ class SFT(Method):
         return f"{source}; {template}, at most {c.max_length} tokens per conversation"
 
     def datamodule(self, ctx) -> ChatDataModule:
-        return chat_datamodule(ctx)
+        return chat_datamodule(ctx.recipe, ctx.tokenizer_path)

@@ -3,7 +3,8 @@
     accuracy   greedy answers of the model before training to the embedded tasks' held-out questions, checked
     evaluate   the `training.Evaluate` stage, plus the same accuracy of the exported model: results.json holds
                {"accuracy": {"before": {skill: value}, "after": {skill: value}}, ...}; accuracy.png. With
-               `scoring.reward_model`, also the mean reward of the answers: {"reward": {"before": ..., "after": ...}}
+               `scoring.reward_model`, also the mean reward of the answers: {"reward": {"before": ..., "after": ...}}.
+               FuseChat's (`FuseChatEvaluate`): the pivot, each pairwise target and the merged model side by side
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from fusion.chat_eval import skill_accuracy
 from fusion.data.prepare import uses_gpu
 from fusion.data.representations import resolve_dtype
 from fusion.data.rewards import reward_of
-from fusion.report import plot_accuracy
+from fusion.report import plot_accuracy, plot_curves, write_results
 from fusion.stages.base import Stage
-from fusion.stages.training import EVALUATION, Evaluate
+from fusion.stages.merging import pair_exports
+from fusion.stages.training import EVALUATION, Evaluate, generate_sample, validate
 from fusion.trainer import build_predict_trainer
 from fusion.zoo import resolve_model
 
@@ -94,3 +96,45 @@ def lm_eval(model_path: str, recipe) -> dict:
                                   batch_size=e.lm_eval_batch_size, apply_chat_template=True)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in out["results"].items()}
+
+
+class FuseChatEvaluate(Stage):
+    """FuseChat's evaluation: validation perplexity (assistant tokens) and skill accuracy of the pivot (the
+    ``baseline`` and ``accuracy`` stages), of each pairwise target and of the merged model; results.json holds
+    ``{"validation": {model: metrics}, "accuracy": {model: {skill: value}}, ...}``."""
+
+    name = "evaluate"
+    needs = ("baseline", "accuracy", "pairs", "merge")
+    config = (*EVALUATION, *ACCURACY)
+    outputs = ("results.json", "results.md", "accuracy.png", "branches/LABEL/curves.png")
+    summary = "perplexity and skill accuracy of the pivot, each pairwise target and the merged model"
+
+    def run(self, ctx) -> dict:
+        merged = ctx.dir / ctx.record("merge")["path"]
+        pairs = pair_exports(ctx)
+        models = {**{f"pair {label}": path for label, path in pairs.items()}, "merged": merged}
+        rows = {"pivot": ctx.record("baseline")}
+        for name, path in models.items():
+            rows[name] = validate(ctx, str(path), name.replace(" ", "/"), step=0)
+        result = {"validation": rows, "module": ctx.module_description()}
+        if not ctx.is_global_zero:
+            return result
+        result["sample"] = generate_sample(str(merged))
+        before = ctx.record("accuracy")
+        if before["accuracy"]:
+            accuracy, reward = {"pivot": before["accuracy"]}, {"pivot": before.get("reward")}
+            for name, path in models.items():
+                measured = measure(ctx, str(path))
+                accuracy[name], reward[name] = measured["accuracy"], measured.get("reward")
+            result.update(accuracy=accuracy, answers=measured["examples"])  # the merged model's
+            if ctx.recipe.scoring.reward_model:
+                result["reward"] = reward
+            plot_accuracy(accuracy, ctx.dir / "accuracy.png", title=ctx.recipe.name)
+        for path in pairs.values():
+            plot_curves(path.parent / "metrics.jsonl", path.parent / "curves.png")
+        extra = {k: v for k, v in result.items() if k not in ("validation", "module", "sample")}
+        print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"], extra))
+        return result
+
+    def damaged(self, ctx, result: dict) -> str | None:
+        return None if (ctx.dir / "results.json").is_file() else f"{ctx.dir / 'results.json'} is missing"

@@ -9,6 +9,7 @@ recipe runs only that branch. The stage's record lists every branch's records.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fusion.config import Recipe
 from fusion.stages.base import Stage
@@ -24,6 +25,7 @@ class SubRuns(Stage):
 
     stages: tuple[Stage, ...] = ()
     branches: Callable[[Recipe], dict[str, Recipe]] | None = None
+    method: Any = None  # the `fusion.methods.base.Method` each branch runs (its data module, module); None: the run's
     outputs = ("branches/LABEL/ (one run folder per branch)",)
 
     def describe(self, recipe: Recipe) -> str:
@@ -35,7 +37,7 @@ class SubRuns(Stage):
         results = {}
         for label, recipe in self.branches(ctx.recipe).items():
             print(f"[fusion] stage {self.name}: branch {label}")
-            child = ctx.child(label, recipe, self.stages)
+            child = ctx.child(label, recipe, self.stages, self.method)
             child.run()
             results[label] = {"dir": str(child.dir), "records": {name: child.record(name) for name in child.records}}
         return {"branches": results}

@@ -1,6 +1,7 @@
 """The stages that prepare what fusion trains on (`fusion.data.prepare`): teacher representations, then alignment.
 
-    representations  chunk the corpus, run every teacher (Trainer.predict), write its shards
+    representations  chunk the corpus, run every teacher (Trainer.predict), write its shards (ChatRepresentations:
+                     the training conversations instead of the corpus)
     alignment        vocabulary maps and token alignments of each teacher to the target
 
 Both products live in the shared, content-keyed store (``representations.dir``), so every run with
@@ -13,8 +14,17 @@ from pathlib import Path
 
 import torch
 
+from fusion.data.chat import chat_datamodule
+from fusion.data.chat_chunks import prepare_chat_chunks
 from fusion.data.chunks import is_chunk_set
-from fusion.data.prepare import align_teachers, extract_teachers, prepare_chunks, store_problems, used_chunks
+from fusion.data.prepare import (
+    align_teachers,
+    extract_teachers,
+    prepare_chunks,
+    store_problems,
+    store_root,
+    used_chunks,
+)
 from fusion.data.text import load_tokenizer
 from fusion.stages.base import Stage
 from fusion.trainer import build_predict_trainer
@@ -40,6 +50,23 @@ class Representations(Stage):
     def run(self, ctx) -> dict:
         r = ctx.recipe
         folder, chunks, info = prepare_chunks(r, load_tokenizer(ctx.tokenizer_path, r.model.trust_remote_code))
+        teachers = extract_teachers(r, chunks, info, lambda callbacks: build_predict_trainer(r, callbacks))
+        return {"chunks": str(folder), "chunk_info": info, "used_chunks": used_chunks(r, info), "teachers": teachers}
+
+
+class ChatRepresentations(Representations):
+    """`Representations` on conversations: one chunk per training conversation, rendered with the pivot's template
+    (`fusion.data.chat_chunks`), which every teacher reads."""
+
+    config = (*REPRESENTATIONS, "chat")
+    summary = "render the training conversations with the pivot's template; run every teacher; store its top-k"
+
+    def run(self, ctx) -> dict:
+        r = ctx.recipe
+        conversations = chat_datamodule(r, ctx.tokenizer_path)
+        conversations.prepare_data()
+        conversations.setup("fit")
+        folder, chunks, info = prepare_chat_chunks(store_root(r), conversations, r.seed)
         teachers = extract_teachers(r, chunks, info, lambda callbacks: build_predict_trainer(r, callbacks))
         return {"chunks": str(folder), "chunk_info": info, "used_chunks": used_chunks(r, info), "teachers": teachers}
 

@@ -137,8 +137,8 @@ def one_seed(seed: int, runs: Path, extra: list[str]) -> dict[str, dict]:
             continue
         folder = fusechat_out / "merges" / method
         if not (folder / "config.json").is_file():
-            merge_recipe = load_recipe("fusechat.yaml", [*base, f"merge.method={method.split('-')[0]}"])
-            merge_recipe.merge.parameters = settings["parameters"]
+            merge_recipe = load_recipe("fusechat.yaml", base)
+            merge_recipe.merge.method, merge_recipe.merge.parameters = method.split("-")[0], settings["parameters"]
             run_merge(load_merge_config(merge_config(merge_recipe, pivot, targets)), folder, progress=False)
         models[f"merged {method}"] = evaluate(str(folder), recipe, folder / "evaluation.json")
     return models
@@ -165,6 +165,11 @@ def mean_accuracy(row: dict) -> float:
     return statistics.mean(row["accuracy"].values())
 
 
+def score(row: dict, skills: tuple[str, ...] | None) -> float:
+    """The mean accuracy over ``skills`` (None: all)."""
+    return statistics.mean(row["accuracy"][k] for k in skills) if skills else mean_accuracy(row)
+
+
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Per model: per skill (and their mean) and perplexity, the per-seed values, mean and sample std."""
     seeds = list(per_seed)
@@ -181,16 +186,24 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
+# Each source's own skills: a pairwise target should gain most on those of its source.
+SOURCE_SKILLS = {"gpt2-code": ("code",), "neox-prose": ("arithmetic", "stdlib")}
+
+
 def orderings(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
-    """The paper's orderings as paired differences of the mean accuracy over skills (percentage points)."""
+    """The paper's orderings as paired differences (per seed) of the mean accuracy over skills, or over a source's
+    own skills, in percentage points."""
     pairs = [f"pair {label}" for label in SOURCES]
-    claims = [("merged varm", p) for p in pairs] + [(p, "pivot-sft") for p in pairs] + [("multi", "pivot-sft"),
-                                                                                         ("merged varm", "multi")]
+    claims = [("merged varm", p, None) for p in pairs] + [(p, "pivot-sft", None) for p in pairs]
+    claims += [("multi", "pivot-sft", None), ("merged varm", "multi", None)]
+    claims += [(f"pair {label}", f"pair {other}", skills) for label, skills in SOURCE_SKILLS.items()
+               for other in SOURCES if other != label]
     out = []
-    for better, worse in claims:
-        diffs = [100 * (mean_accuracy(per_seed[s][better]) - mean_accuracy(per_seed[s][worse])) for s in per_seed]
+    for better, worse, skills in claims:
+        diffs = [100 * (score(per_seed[s][better], skills) - score(per_seed[s][worse], skills)) for s in per_seed]
         mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        out.append({"claim": f"{better} > {worse}", "per_seed": diffs, "mean": mean, "std": std,
+        claim = f"{better} > {worse}" + (f" on {' and '.join(skills)}" if skills else "")
+        out.append({"claim": claim, "per_seed": diffs, "mean": mean, "std": std,
                     "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
     return out
 
@@ -207,7 +220,7 @@ def markdown(fixed: dict[str, dict], summary: dict[str, dict], claims: list[dict
         ppl = row.get("perplexity")
         cells.append(f"{ppl['mean']:.2f} ± {ppl['std']:.2f}" if ppl else "–")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "| the paper's ordering | paired difference of the mean accuracy (points) | holds? |",
+    lines += ["", "| the paper's ordering | paired difference of the accuracy (points) | holds? |",
               "|---|---|---|"]
     for c in claims:
         verdict = ("yes" if c["mean"] > 0 else "no, the reverse") if c["beyond_2std"] else "not beyond 2σ"

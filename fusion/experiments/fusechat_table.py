@@ -18,7 +18,8 @@ rate (those of ``recipes/fusechat.yaml``) on the same conversations; only the te
 Per model and seed: held-out accuracy per skill (greedy answers to ``evaluate.questions`` questions per skill,
 checked) and assistant-token perplexity on the held-out conversations (the pivot's tokenizer; none for the sources,
 whose tokenizers differ). Mean and sample std over the seeds; paired differences (per seed) of the mean accuracy
-over skills for the paper's orderings, called real only beyond 2 standard deviations. Runs live in
+over skills for the paper's orderings, called real only beyond 2 standard deviations; and, for the first seed, the
+straight line between the two pairwise targets (`interpolation`: whether they can be merged at all). Runs live in
 ``runs/fusechat-table/`` (re-running skips finished ones); the table and plot go to ``docs/results/``
 (``fusechat-table.md``, ``.json``, ``.png``).
 """
@@ -144,6 +145,34 @@ def one_seed(seed: int, runs: Path, extra: list[str]) -> dict[str, dict]:
     return models
 
 
+def interpolation(runs: Path, seed: int, extra: list[str]) -> dict:
+    """Why a merge of the pairwise targets can fall below both (the paper's regime is not the miniature's): the size
+    of each target's update against the pivot's weights, the cosine between the two updates, and the assistant-token
+    perplexity along the straight line from one target to the other (a barrier: the middle is worse than both ends)."""
+    from safetensors.torch import load_file
+
+    recipe = load_recipe("fusechat.yaml", [f"seed={seed}", *extra])
+    fused = runs / f"fusechat-s{seed}"
+    pivot = Path(resolve_model(recipe.model.path, recipe.zoo.size, recipe.zoo.dir))
+    (a, b), base = [fused / "branches" / label / "model" for label in SOURCES], load_file(pivot / "model.safetensors")
+    deltas = [torch.cat([(load_file(m / "model.safetensors")[k] - w).flatten() for k, w in base.items()])
+              for m in (a, b)]
+    weights = torch.cat([w.flatten() for w in base.values()])
+    path = {}
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        folder = fused / "merges" / f"interpolate-{t}"
+        if t in (0.0, 1.0):
+            folder = a if t == 0.0 else b
+        elif not (folder / "config.json").is_file():
+            config = {"merge_method": "linear", "parameters": {"normalize": False},
+                      "models": [{"model": str(a), "parameters": {"weight": 1 - t}},
+                                 {"model": str(b), "parameters": {"weight": t}}]}
+            run_merge(load_merge_config(config), folder, progress=False)
+        path[str(t)] = assistant_perplexity(str(folder), recipe)[OVERALL]
+    return {"seed": seed, "pivot_norm": weights.norm().item(), "update_norms": [d.norm().item() for d in deltas],
+            "update_cosine": F.cosine_similarity(deltas[0], deltas[1], dim=0).item(), "perplexity_along_the_line": path}
+
+
 def _after(results: dict) -> dict:
     (after,) = [v for k, v in results["validation"].items() if k.endswith("(after, exported)")]
     return after
@@ -265,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = {seed: one_seed(seed, runs, args.overrides) for seed in args.seeds}
         fixed = fixed_rows(runs, args.seeds[0], args.overrides)
         summary, claims = summarise(per_seed), orderings(per_seed)
+        line = interpolation(runs, args.seeds[0], args.overrides)
         recipe = load_recipe("fusechat.yaml", args.overrides)
         command = " ".join(["python -m fusion.experiments.fusechat_table", *args.overrides, "--seeds",
                             *map(str, args.seeds)])
@@ -272,11 +302,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"each, greedy) and assistant-token perplexity, after {recipe.trainer.max_steps} steps of "
                   f"{recipe.trainer.batch_size} conversations from zoo:chat-target, mean ± sample std over seeds "
                   f"{', '.join(map(str, args.seeds))} (`{command}`)\n\n")
-        table = markdown(fixed, summary, claims)
+        labels = " and ".join(SOURCES)
+        table = markdown(fixed, summary, claims) + (
+            f"\n\nThe pairwise targets {labels} of seed {line['seed']}: updates of norm "
+            f"{' and '.join(f'{n:.1f}' for n in line['update_norms'])} against the pivot's weights' "
+            f"{line['pivot_norm']:.1f}, cosine {line['update_cosine']:.2f} between them; assistant-token perplexity "
+            f"from one to the other (t = 0 ... 1): "
+            f"{', '.join(f'{v:.2f}' for v in line['perplexity_along_the_line'].values())}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "fusechat-table.md").write_text(header + table + "\n")
-        (out / "fusechat-table.json").write_text(json.dumps({"command": command, "fixed": fixed, "models": summary,
-                                                             "orderings": claims}, indent=2) + "\n")
+        record = {"command": command, "fixed": fixed, "models": summary, "orderings": claims, "interpolation": line}
+        (out / "fusechat-table.json").write_text(json.dumps(record, indent=2) + "\n")
         plot(fixed, summary, out / "fusechat-table.png")
         print("\n" + header + table)
     except FusionError as err:

@@ -198,8 +198,9 @@ class FusedBatches(IterableDataset):
         teachers = [(*(np.concatenate(arrays) for arrays in zip(*pieces)), nll[t] / max(predictions[t], 1),
                      nll[t] / max(len(target) - 1, 1)) for t, pieces in enumerate(per_teacher)]
         if "labels" in chunk:  # a conversation (`fusion.data.chat_chunks`): judge teachers on the trained tokens only
-            teachers = [(*arrays, ce, ce) for *arrays, _, _ in teachers
-                        for ce in [trained_cross_entropy(arrays[3], arrays[2], labels)]]
+            for t, (ids, logprobs, fallback, token_ce, _, _) in enumerate(teachers):
+                ce = trained_cross_entropy(token_ce, fallback, labels)
+                teachers[t] = (ids, logprobs, fallback, token_ce, ce, ce)
         return {"input_ids": target, "labels": labels, "teachers": teachers}
 
     def collate(self, firsts: np.ndarray) -> dict:

@@ -48,6 +48,8 @@ class Merge(Stage):
         targets = {label: str(path) for label, path in pair_exports(ctx).items()}
         config = load_merge_config(merge_config(ctx.recipe, ctx.model_path, targets))
         record = run_merge(config, out) if ctx.is_global_zero else {}
+        if ctx.trainer is not None:  # the other ranks evaluate the merged model next: wait until it is written
+            ctx.trainer.strategy.barrier("merge")
         return {"path": "model", "method": config.merge_method, "tensors": record.get("tensors"),
                 "seconds": record.get("seconds")}
 

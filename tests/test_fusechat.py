@@ -138,19 +138,21 @@ def test_a_pair_killed_mid_training_resumes_and_the_finished_pair_is_not_redone(
     assert (out / "results.json").is_file()
 
 
-def test_a_source_added_later_trains_only_its_pair_and_merges_again(tmp_path, zoo_dir, cache_dir):
+def test_a_source_added_later_with_another_merge_trains_its_pair_only_and_merges_again(tmp_path, zoo_dir,
+                                                                                        cache_dir):
     out = tmp_path / "run"
-    args = fusechat_overrides(out, zoo_dir, cache_dir, **{"merge.method": "task_arithmetic",
-                                                          "merge.parameters.weight": 0.5})
-    one = run_fit("--recipe", recipe_with(tmp_path, teachers=SOURCES[:1]), *args, timeout=600)
+    args = fusechat_overrides(out, zoo_dir, cache_dir)
+    one = run_fit("--recipe", recipe_with(tmp_path, teachers=SOURCES[:1]), *args, "merge.method=task_arithmetic",
+                  "merge.parameters.weight=0.5", timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     first = mtimes(out / "branches" / "gpt2-code")
     merged = (out / "model" / "model.safetensors").read_bytes()
-    two = run_fit("--recipe", recipe_with(tmp_path, teachers=SOURCES), *args, timeout=600)
+    two = run_fit("--recipe", recipe_with(tmp_path, teachers=SOURCES), *args, timeout=600)  # and back to VaRM
     assert two.returncode == 0, two.stderr[-3000:]
     assert mtimes(out / "branches" / "gpt2-code") == first
     assert (out / "branches" / "neox-prose" / "stages" / "export.json").is_file()
     assert (out / "model" / "model.safetensors").read_bytes() != merged  # merged again, over both pairs
+    assert json.loads((out / "model" / "merge.json").read_text())["config"]["merge_method"] == "varm"
     assert "[fusion] stage baseline: already done, skipped" in two.stdout
 
 

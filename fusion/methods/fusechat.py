@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 
-from fusion.config import Recipe, TeacherConfig
+from fusion.config import MergeSettings, Recipe, TeacherConfig
 from fusion.data.chat import chat_datamodule
 from fusion.errors import FusionError
 from fusion.merge.config import load_merge_config
@@ -44,6 +44,7 @@ def pairs(recipe: Recipe) -> dict[str, Recipe]:
         branch = copy.deepcopy(recipe)
         branch.method, branch.name = "chat-fusion", f"{recipe.name}-{source.label}"
         branch.teachers = [pivot_teacher(recipe), source]
+        branch.merge = MergeSettings()  # not the pair's business: another merge must not make its folder refuse it
         branches[source.label] = branch
     return branches
 

@@ -262,7 +262,7 @@ def plan(recipe: Recipe) -> str:
         module = method.describe_module(recipe)
         args = ", ".join(f"{k}={v!r}" for k, v in module["args"].items())
         lines += [
-            f"output    {recipe.run_dir}/ (recipe.yaml, stages/, metrics.jsonl, checkpoints/, model/, results.md)",
+            f"output    {recipe.run_dir}/ ({method.outputs})",
             f"model     {recipe.model.path} (dtype {model_dtype(recipe)}, gradient checkpointing "
             f"{recipe.model.gradient_checkpointing})",
             f"module    {module['class'].rsplit('.', 1)[-1]}({args}): {module['objective']}",

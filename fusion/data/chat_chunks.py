@@ -3,8 +3,10 @@
 A chat chunk set has the columns of a text chunk set (`fusion.data.chunks`), so teacher representations
 (`fusion.data.representations`), their store and the alignment (`fusion.data.align_shards`) work on it unchanged,
 plus ``labels``: one chunk per conversation, each its own row, its text the conversation as the pivot's template
-renders it (`fusion.data.chat.ChatEncoder`: every model reads the same characters, as FuseChat feeds every source the
-pivot's rendering), and its target ids and labels those of `fusion.data.chat.ChatDataModule`'s training split.
+renders it (`fusion.data.chat.ChatEncoder`: every model reads the same characters, which the alignment needs;
+FuseChat's original fed each source the pivot's rendering with the source's own EOS as the separator, so here a
+source reads the pivot's end-of-turn marker as plain text), and its target ids and labels those of
+`fusion.data.chat.ChatDataModule`'s training split.
 
 Every model reads a chunk as ``[start] + its tokens of the text`` (`fusion.data.chunks.sequence_ids`): a teacher
 needs a start position to predict the first token. A template that writes the start token itself (Llama-3's and

@@ -36,6 +36,8 @@ class Method:
     summary: str = ""
     stages: tuple[Stage, ...] = ()
     module: type | None = None
+    outputs: str = "recipe.yaml, stages/, metrics.jsonl, checkpoints/, model/, results.md"
+    """What its run folder holds, for the plan's ``output`` line."""
     open_keys: tuple[str, ...] = ()
     """Recipe keys that may change in an existing run folder (the stages whose keys depend on them run again);
     any other change is refused, so that results are never mixed."""

@@ -52,6 +52,7 @@ def pairs(recipe: Recipe) -> dict[str, Recipe]:
 class FuseChat(ChatFusion):
     name = "fusechat"
     summary = "FuseChat: the pivot fused with each source in its own run, the results merged in parameter space"
+    outputs = "recipe.yaml, stages/, branches/LABEL/ (each pair's own run folder), model/ (merged), results.md"
     # A source added to (or dropped from) the recipe, or another merge: only its pair and the merge run again.
     open_keys = ("teachers", "merge")
     stages = (Baseline(config=(*EVALUATION, "chat")), Accuracy(),

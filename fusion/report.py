@@ -60,6 +60,15 @@ def write_results(run_dir: Path, rows: dict[str, dict[str, float]], sample: str,
     return text
 
 
+def write_table(out: Path, name: str, header: str, table: str, record: dict) -> None:
+    """An experiment's results in ``out``: ``NAME.md`` (``header`` + ``table``) and ``NAME.json`` (``record``); the
+    table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(header + table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("\n" + header + table)
+
+
 def plot_curves(metrics_file: Path, out_file: Path) -> Path | None:
     """Training loss and validation perplexity against optimizer steps, as a PNG."""
     if not metrics_file.exists():

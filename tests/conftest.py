@@ -77,6 +77,20 @@ def fusellm_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> l
     return tiny_overrides(out, zoo_dir, cache_dir, **values)
 
 
+def start_fit(*args: str) -> subprocess.Popen:
+    """`python -m fusion.fit ARGS` started in the background, as `run_fit` runs it (stderr piped, stdout dropped)."""
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "fusion.fit", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(run: subprocess.Popen, done, seconds: float, poll: float = 0.2) -> None:
+    """Poll ``done()`` until it holds, ``run`` ends, or ``seconds`` pass (the caller then checks what happened)."""
+    deadline = time.time() + seconds
+    while not done() and run.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+
+
 def run_fit(*args: str, timeout: int = 300, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m fusion.fit ARGS` in a subprocess, as a user runs it (``pythonpath``: where their own code is)."""
     env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}

@@ -12,12 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, fusellm_overrides, run_fit, tiny_overrides
+from conftest import fusellm_overrides, run_fit, start_fit, tiny_overrides, wait_until
 
 from fusion.data.cache import hold_lock
 
@@ -217,12 +216,8 @@ def test_a_signal_during_training_saves_last_ckpt_exits_128_plus_it_and_resumes(
     out = tmp_path / "run"
     args = tiny_overrides(out, zoo_dir, cache_dir, **{"trainer.max_steps": 60, "trainer.val_every_n_steps": 1000,
                                                       "trainer.checkpoint_every_n_steps": 10})
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.Popen([sys.executable, "-m", "fusion.fit", "--recipe", "clm.yaml", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "last.ckpt").exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    run = start_fit("--recipe", "clm.yaml", *args)
+    wait_until(run, (out / "checkpoints" / "last.ckpt").exists, 240)
     run.send_signal(signum)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 128 + signum, stderr[-3000:]
@@ -247,12 +242,8 @@ def test_ctrl_c_during_extraction_exits_130_and_keeps_the_finished_shards(tmp_pa
     args = fusellm_overrides(out, zoo_dir, cache_dir, **{"representations.dir": str(store),
                                                          "representations.chunks_per_shard": 4,
                                                          "representations.batch_size": 1})
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.Popen([sys.executable, "-m", "fusion.fit", "--recipe", "fusellm.yaml", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(list(store.glob("target-*/shard-*.json"))) < 2 and run.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    run = start_fit("--recipe", "fusellm.yaml", *args)
+    wait_until(run, lambda: len(list(store.glob("target-*/shard-*.json"))) >= 2, 240, poll=0.1)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-3000:]

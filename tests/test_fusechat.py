@@ -2,18 +2,14 @@
 the chat chunk layout; how teachers are judged on conversations; the recipes' checks."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_fit, tiny_overrides
+from conftest import ROOT, run_fit, start_fit, tiny_overrides, wait_until
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,13 +111,9 @@ def test_a_pair_killed_mid_training_resumes_and_the_finished_pair_is_not_redone(
     out = tmp_path / "run"
     args = fusechat_overrides(out, zoo_dir, cache_dir, **{"trainer.max_steps": 30, "trainer.val_every_n_steps": 1000,
                                                           "trainer.checkpoint_every_n_steps": 4})
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.Popen([sys.executable, "-m", "fusion.fit", "--recipe", "fusechat.yaml", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = start_fit("--recipe", "fusechat.yaml", *args)
     last = out / "branches" / "neox-prose" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 400
-    while not last.exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(run, last.exists, 400)
     run.send_signal(signal.SIGKILL)
     run.communicate(timeout=60)
     saved = torch.load(last, weights_only=False)["global_step"]

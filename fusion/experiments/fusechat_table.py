@@ -44,6 +44,7 @@ from fusion.errors import FusionError
 from fusion.merge.config import load_merge_config
 from fusion.merge.stream import run_merge
 from fusion.recipe import load_recipe
+from fusion.report import write_table
 from fusion.stages.merging import merge_config
 from fusion.zoo import resolve_model
 
@@ -309,12 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{line['pivot_norm']:.1f}, cosine {line['update_cosine']:.2f} between them; assistant-token perplexity "
             f"from one to the other (t = 0 ... 1): "
             f"{', '.join(f'{v:.2f}' for v in line['perplexity_along_the_line'].values())}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fusechat-table.md").write_text(header + table + "\n")
-        record = {"command": command, "fixed": fixed, "models": summary, "orderings": claims, "interpolation": line}
-        (out / "fusechat-table.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_table(out, "fusechat-table", header, table, {"command": command, "fixed": fixed, "models": summary,
+                                                           "orderings": claims, "interpolation": line})
         plot(fixed, summary, out / "fusechat-table.png")
-        print("\n" + header + table)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ from fusion.data.chunks import start_token_id
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.errors import FusionError
 from fusion.recipe import load_recipe
+from fusion.report import write_table
 from fusion.zoo import resolve_model
 
 TEACHERS = {
@@ -246,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         first = results[names[0]][args.seeds[0]]
         fixed = {"initial target": first["before"], **source_rows(args.overrides)}
         summary = summarise(results, args.seeds)
-        out.mkdir(parents=True, exist_ok=True)
         recipe = load_recipe("fusellm.yaml", args.overrides)
         # overrides first: after --only or --seeds, argparse would read them as more of those
         command = " ".join(["python -m fusion.experiments.fusellm_table", *args.overrides,
@@ -255,11 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
                   f"std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
         table = markdown(summary, fixed)
-        (out / "fusellm-table.md").write_text(header + table + "\n")
-        (out / "fusellm-table.json").write_text(json.dumps({"command": command, "fixed": fixed, "variants": summary},
-                                                           indent=2) + "\n")
+        write_table(out, "fusellm-table", header, table, {"command": command, "fixed": fixed, "variants": summary})
         plot(summary, fixed, out / "fusellm-table.png")
-        print("\n" + header + table)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

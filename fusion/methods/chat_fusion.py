@@ -17,7 +17,7 @@ from fusion.config import Recipe
 from fusion.data.chat import chat_datamodule
 from fusion.errors import FusionError
 from fusion.methods.fusellm import FuseLLM, fusion_plan
-from fusion.methods.sft import check_chat
+from fusion.methods.sft import chat_source, check_chat
 from fusion.stages.chat import ACCURACY, Accuracy, ChatEvaluate
 from fusion.stages.teachers import Alignment, ChatRepresentations
 from fusion.stages.training import EVALUATION, TRAINING, Baseline, Export, Train
@@ -44,10 +44,7 @@ class ChatFusion(FuseLLM):
         check_chat(recipe)
 
     def describe_data(self, recipe: Recipe) -> str:
-        c = recipe.chat
-        source = (f"the embedded chat tasks [{', '.join(c.skills)}], held out: their test questions"
-                  if recipe.data.source == "embedded" else f"{recipe.data.source}, held out: split "
-                  f"{recipe.data.validation_split!r} or {recipe.data.validation_fraction:.0%}")
+        c, source = recipe.chat, chat_source(recipe)
         template = "the recipe's chat template" if c.template else "the model's chat template"
         return (f"{source}; every model reads them rendered with {template}, at most {c.max_length} tokens; "
                 "losses on the assistant's tokens")

@@ -45,6 +45,14 @@ def check_chat(recipe: Recipe) -> None:
                           "pip install -e '.[lm-eval]', or remove the key")
 
 
+def chat_source(recipe: Recipe) -> str:
+    """Which conversations a chat method trains on and which it holds out, for the plan's ``data`` line."""
+    d = recipe.data
+    if d.source == "embedded":
+        return f"the embedded chat tasks [{', '.join(recipe.chat.skills)}], held out: their test questions"
+    return f"{d.source}, held out: split {d.validation_split!r} or {d.validation_fraction:.0%}"
+
+
 class SFT(Method):
     name = "sft"
     summary = "supervised fine-tuning of a chat model on the assistant's turns"
@@ -56,11 +64,7 @@ class SFT(Method):
         check_chat(recipe)
 
     def describe_data(self, recipe: Recipe) -> str:
-        c, d = recipe.chat, recipe.data
-        if d.source == "embedded":
-            source = f"the embedded chat tasks [{', '.join(c.skills)}], held out: their test questions"
-        else:
-            source = f"{d.source}, held out: split {d.validation_split!r} or {d.validation_fraction:.0%}"
+        c, source = recipe.chat, chat_source(recipe)
         template = "the recipe's chat template" if c.template else "the tokenizer's chat template"
         return f"{source}; {template}, at most {c.max_length} tokens per conversation"
 

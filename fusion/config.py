@@ -291,6 +291,64 @@ class MergeSettings:
 
 
 @dataclass
+class PairsConfig:
+    """FuseChat-3.0's rules for turning scored samples into SFT examples and preference pairs (`fusion.data.pairs`)."""
+
+    sft_share: float = 0.4
+    """The share of prompts for SFT, the rest for preference training: 4:6 in FuseChat-3.0, 1:2 in WRPO."""
+    same_source: bool = True
+    """A pair's chosen and rejected responses come from one source model (FuseChat-3.0); false: the best and the
+    worst across all sources."""
+    min_margin: float | None = 0.01
+    """Pairs whose reward gap, reward(chosen) − reward(rejected), is below this are dropped; null: no lower bound."""
+    max_margin: float | None = 0.1
+    """Pairs whose reward gap is above this are dropped (too easy); null: no upper bound."""
+    margin_on_verified: bool = True
+    """The window applies to verified pairs (correct vs incorrect) too, as FuseChat-3.0 does for math."""
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference optimisation after SFT: DPO and its variants, WRPO (`fusion.modules.dpo`, `fusion.modules.wrpo`)."""
+
+    loss_type: Literal["sigmoid", "sigmoid_norm", "ipo"] = "sigmoid"
+    """`sigmoid`: DPO; `sigmoid_norm`: length-normalised DPO (each log-ratio divided by its response's tokens,
+    FuseChat-3.0's LN-DPO); `ipo`: IPO, on per-token averaged log-probs as TRL computes it."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """cDPO's ε: the preference label is wrong with this probability (`sigmoid` and `sigmoid_norm` only)."""
+    reference: Literal["precomputed", "online"] = "precomputed"
+    """`precomputed`: the frozen reference (the model training starts from) scores every pair once, in a stage, and
+    no second model is in memory while training; `online`: a frozen copy runs beside the policy every step."""
+    max_prompt_length: int = 1800
+    """When a prompt and its longest response exceed `chat.max_length`, the prompt keeps its last this many tokens,
+    then the responses are cut (TRL's and WRPO's rule)."""
+    alpha: float = 0.1
+    """WRPO: the weight of the source's response in the chosen reward, reached at the end of training."""
+    dynamic_alpha: bool = True
+    """WRPO: α grows linearly from 0 to `alpha` over the optimizer steps; false: `alpha` throughout."""
+    samples: int = 5
+    """WRPO: responses the SFT model samples per preference prompt, whose best and worst become chosen and
+    rejected."""
+    temperature: float = 0.8
+    """WRPO: the SFT model's sampling temperature (top-p 0.95)."""
+    max_new_tokens: int = 512
+    """WRPO: the SFT model's longest response."""
+
+
+@dataclass
+class SFTPhaseConfig:
+    """The SFT that comes before preference training (FuseChat-3.0, WRPO): its own optimizer and length; the rest
+    (precision, strategy, devices) is the recipe's `trainer`."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig())
+    batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    max_epochs: int = 1
+    max_steps: int = -1
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -381,7 +439,11 @@ class Recipe:
     assistant's turns of `chat` conversations; `sample`, responses of `sampling.models` to prompts, scored by
     verifiers and a reward model (`scoring`); `chat-fusion`, a chat model trained on conversations and the fused
     distributions of `teachers` (FuseChat's pairwise step with one source and the pivot, its Multi baseline with
-    all); `fusechat`, FuseChat: one `chat-fusion` pair per source of `teachers`, merged (`merge`)."""
+    all); `fusechat`, FuseChat: one `chat-fusion` pair per source of `teachers`, merged (`merge`); `dpo`, preference
+    optimisation on a dataset of prompt/chosen/rejected rows (`preference`); `fusechat3`, FuseChat-3.0: the sources
+    sampled and scored, SFT on the best responses, DPO on same-source pairs (`pairs`, `sft`, `preference`); `wrpo`,
+    WRPO: as fusechat3, then the SFT model's own samples, and the source's best response weighted into the chosen
+    side."""
     output_dir: str | None = None
     """Run folder; default `runs/NAME`. A re-run with the same folder resumes."""
     seed: int = 42
@@ -406,6 +468,12 @@ class Recipe:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     merge: MergeSettings = field(default_factory=MergeSettings)
     """FuseChat: how the pairwise targets are merged."""
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    """FuseChat-3.0 and WRPO: how scored samples become SFT examples and preference pairs."""
+    sft: SFTPhaseConfig = field(default_factory=SFTPhaseConfig)
+    """FuseChat-3.0 and WRPO: the SFT before preference training."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """DPO, FuseChat-3.0 and WRPO: the preference loss."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)

@@ -55,6 +55,7 @@ class Run:
         self._datamodule: pl.LightningDataModule | None = None
         self._paths: tuple[str, str] | None = None
         self._lock = None  # the open lock file of the run folder, held while running
+        self.stage_key: str | None = None
 
     # -- what stages read ----------------------------------------------------------------------------
     @property
@@ -193,6 +194,7 @@ class Run:
                       "running it again")
             else:
                 print(f"[fusion] stage {stage.name}")
+            self.stage_key = key  # what the running stage is keyed by (its outputs may carry it)
             self.finish(stage.name, key, stage.run(self))
             if state != "done" or self.records[stage.name]["result"] != record["result"]:
                 changed.add(stage.name)

@@ -125,11 +125,12 @@ def build_trainer(recipe: Recipe, run_dir: Path, loggers: list, callbacks: list 
     )
 
 
-def build_predict_trainer(recipe: Recipe, callbacks: list = ()) -> pl.Trainer:
+def build_predict_trainer(recipe: Recipe, callbacks: list = (), precision: str | None = None) -> pl.Trainer:
     """A Trainer for `Trainer.predict` (teacher extraction): DDP over the recipe's devices, no loggers.
 
     Never FSDP or DeepSpeed: a teacher only runs forward, and each device holds its own copy (use
-    `teachers[].quantization` when one does not fit).
+    `teachers[].quantization` when one does not fit). ``precision``: Lightning's (a reference model scores under the
+    training's); None: the weights' own dtype.
     """
     t = recipe.trainer
     strategy = "auto"
@@ -138,5 +139,5 @@ def build_predict_trainer(recipe: Recipe, callbacks: list = ()) -> pl.Trainer:
 
         strategy = DDPStrategy(process_group_backend=t.process_group_backend)
     return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-                      logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                       use_distributed_sampler=False, callbacks=[TQDMProgressBar(refresh_rate=1), *callbacks])

@@ -11,6 +11,10 @@ with a `Method` subclass, registered with `register` (or listed in `METHODS` for
     sample    sample -> score
     chat-fusion   representations -> alignment -> baseline -> accuracy -> train -> export -> evaluate
     fusechat  baseline -> accuracy -> pairs (a chat-fusion run per source) -> merge -> evaluate
+    dpo       reference -> baseline -> accuracy -> train -> export -> evaluate
+    fusechat3 sample -> score -> pairs -> sft (a sub-run) -> reference -> baseline -> accuracy -> train -> export
+              -> evaluate
+    wrpo      as fusechat3, with on-policy (the SFT model's own samples) before reference
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from fusion.errors import FusionError
 from fusion.methods.base import Method
 from fusion.methods.chat_fusion import ChatFusion
 from fusion.methods.clm import CLM
+from fusion.methods.dpo import DPO
 from fusion.methods.fusechat import FuseChat
+from fusion.methods.fusechat3 import WRPO, FuseChat3
 from fusion.methods.fusellm import FuseLLM
 from fusion.methods.sample import SampleMethod
 from fusion.methods.sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT(), SampleMethod(), ChatFusion(), FuseChat())}
+METHODS: dict[str, Method] = {m.name: m for m in (CLM(), FuseLLM(), SFT(), SampleMethod(), ChatFusion(), FuseChat(),
+                                                  DPO(), FuseChat3(), WRPO())}
 
 
 def register(method: Method) -> Method:

@@ -137,6 +137,10 @@ class CausalLMModule(pl.LightningModule):
         by_epochs = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
         return max(1, min(by_epochs, trainer.max_steps) if trainer.max_steps > 0 else by_epochs)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the train stage's key: a later run resumes this checkpoint only under the same settings
+        checkpoint["fusion_stage_key"] = getattr(self, "stage_key", None)
+
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self, self.optim_config, self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

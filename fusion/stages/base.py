@@ -12,6 +12,7 @@ A stage reads and writes through the run it is given (``ctx``, a `Context`; `fus
     ctx.datamodule, ctx.new_module()  the method's data module and LightningModule
     ctx.loggers(), ctx.trainer        the run's loggers; the last Trainer built (for ranks and barriers)
     ctx.is_global_zero                only global rank 0 writes shared files
+    ctx.stage_key                     the running stage's key (outputs that outlive a record may carry it)
     ctx.child(label, recipe, stages, method)  a sub-run in its own folder (see `fusion.stages.subruns`)
 
 Stages hold no loss math and no data logic: they build a Trainer, a data module and a module from
@@ -65,6 +66,7 @@ class Context(Protocol):
     is_global_zero: bool
     datamodule: Any
     records: dict[str, dict]
+    stage_key: str | None  # the key of the stage running now
 
     def record(self, name: str) -> dict: ...
     def loggers(self) -> list: ...

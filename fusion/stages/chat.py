@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from statistics import mean
 
 from fusion.chat_eval import skill_accuracy
@@ -98,43 +99,79 @@ def lm_eval(model_path: str, recipe) -> dict:
             for task, metrics in out["results"].items()}
 
 
-class FuseChatEvaluate(Stage):
-    """FuseChat's evaluation: validation perplexity (assistant tokens) and skill accuracy of the pivot (the
-    ``baseline`` and ``accuracy`` stages), of each pairwise target and of the merged model; results.json holds
+class CompareEvaluate(Stage):
+    """Validation perplexity (assistant tokens) and skill accuracy of the starting model (the ``baseline`` and
+    ``accuracy`` stages) and of each model `models` names, the last one the method's result; results.json holds
     ``{"validation": {model: metrics}, "accuracy": {model: {skill: value}}, ...}``."""
 
     name = "evaluate"
-    needs = ("baseline", "accuracy", "pairs", "merge")
     config = (*EVALUATION, *ACCURACY)
-    outputs = ("results.json", "results.md", "accuracy.png", "branches/LABEL/curves.png")
-    summary = "perplexity and skill accuracy of the pivot, each pairwise target and the merged model"
+    outputs = ("results.json", "results.md", "accuracy.png")
+    start_label = "target"
+
+    def models(self, ctx) -> dict[str, Path]:
+        """The models to compare with the starting one, by name; the last is the method's result."""
+        raise NotImplementedError
+
+    def curves(self, ctx) -> list[Path]:
+        """Run folders (sub-runs) whose ``metrics.jsonl`` gets a ``curves.png``."""
+        return [ctx.dir]
 
     def run(self, ctx) -> dict:
-        merged = ctx.dir / ctx.record("merge")["path"]
-        pairs = pair_exports(ctx)
-        models = {**{f"pair {label}": path for label, path in pairs.items()}, "merged": merged}
-        rows = {"pivot": ctx.record("baseline")}
+        models = self.models(ctx)
+        final = list(models.values())[-1]
+        rows = {self.start_label: ctx.record("baseline")}
         for name, path in models.items():
             rows[name] = validate(ctx, str(path), name.replace(" ", "/"), step=0)
         result = {"validation": rows, "module": ctx.module_description()}
         if not ctx.is_global_zero:
             return result
-        result["sample"] = generate_sample(str(merged))
+        result["sample"] = generate_sample(str(final))
         before = ctx.record("accuracy")
         if before["accuracy"]:
-            accuracy, reward = {"pivot": before["accuracy"]}, {"pivot": before.get("reward")}
+            accuracy, reward = {self.start_label: before["accuracy"]}, {self.start_label: before.get("reward")}
             for name, path in models.items():
                 measured = measure(ctx, str(path))
                 accuracy[name], reward[name] = measured["accuracy"], measured.get("reward")
-            result.update(accuracy=accuracy, answers=measured["examples"])  # the merged model's
+            result.update(accuracy=accuracy, answers=measured["examples"])  # the final model's
             if ctx.recipe.scoring.reward_model:
                 result["reward"] = reward
             plot_accuracy(accuracy, ctx.dir / "accuracy.png", title=ctx.recipe.name)
-        for path in pairs.values():
-            plot_curves(path.parent / "metrics.jsonl", path.parent / "curves.png")
+        for folder in self.curves(ctx):
+            plot_curves(folder / "metrics.jsonl", folder / "curves.png")
         extra = {k: v for k, v in result.items() if k not in ("validation", "module", "sample")}
         print("\n" + write_results(ctx.dir, rows, result["sample"], result["module"], extra))
         return result
 
     def damaged(self, ctx, result: dict) -> str | None:
         return None if (ctx.dir / "results.json").is_file() else f"{ctx.dir / 'results.json'} is missing"
+
+
+class FuseChatEvaluate(CompareEvaluate):
+    """FuseChat's evaluation: the pivot, each pairwise target and the merged model."""
+
+    needs = ("baseline", "accuracy", "pairs", "merge")
+    outputs = ("results.json", "results.md", "accuracy.png", "branches/LABEL/curves.png")
+    summary = "perplexity and skill accuracy of the pivot, each pairwise target and the merged model"
+    start_label = "pivot"
+
+    def models(self, ctx) -> dict[str, Path]:
+        pairs = {f"pair {label}": path for label, path in pair_exports(ctx).items()}
+        return {**pairs, "merged": ctx.dir / ctx.record("merge")["path"]}
+
+    def curves(self, ctx) -> list[Path]:
+        return [path.parent for path in pair_exports(ctx).values()]
+
+
+class PreferenceEvaluate(CompareEvaluate):
+    """FuseChat-3.0's and WRPO's evaluation: the target, its SFT and the preference-trained model."""
+
+    needs = ("baseline", "accuracy", "sft", "train", "export")
+    outputs = ("results.json", "results.md", "accuracy.png", "curves.png", "branches/sft/curves.png")
+    summary = "perplexity and skill accuracy of the target, the SFT model and the preference-trained model"
+
+    def models(self, ctx) -> dict[str, Path]:
+        return {"sft": ctx.dir / ctx.record("sft")["model"], ctx.recipe.method: ctx.dir / ctx.record("export")["path"]}
+
+    def curves(self, ctx) -> list[Path]:
+        return [ctx.dir, ctx.dir / ctx.record("sft")["dir"]]

@@ -56,13 +56,23 @@ class Train(Stage):
     outputs = ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "metrics.jsonl", "wandb/")
     summary = "Lightning fit, resumable at the exact batch from its last checkpoint"
 
+    start_from: str | None = None
+    """A stage whose record's ``model`` (a folder in the run) training starts from, e.g. the SFT before DPO; None:
+    `model.path`."""
+
     def run(self, ctx) -> dict:
         trainer = build_trainer(ctx.recipe, ctx.dir, ctx.loggers(), callbacks=ctx.extra_callbacks)
         ctx.trainer = trainer
         last = ctx.dir / "checkpoints" / "last.ckpt"
-        module = ctx.new_module(ctx.model_path)
+        module = ctx.new_module(starting_model(ctx, self.start_from))
+        module.stage_key = ctx.stage_key
+        # A checkpoint of a run under other settings (a changed recipe key or an earlier stage that ran again) is
+        # not resumed: training starts over, and the next checkpoint replaces it.
+        resume = last.exists() and checkpoint_stage_key(last) in (None, ctx.stage_key)
+        if last.exists() and not resume:
+            print(f"[fusion] {last} is from a run under other settings; training from the start")
         with safe_points():  # a first Ctrl-C / SIGTERM ends the fit after the step, with last.ckpt saved
-            trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
+            trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if resume else None)
         stop = next(c for c in trainer.callbacks if isinstance(c, StopAtSafePoint))
         if stop.saved_at is not None:  # (a request after the last step lets the stage finish: see Run)
             raise Interrupted(requested(), f"training stopped; saved {last} at step {stop.saved_at}")
@@ -77,6 +87,16 @@ class Train(Stage):
     def damaged(self, ctx, result: dict) -> str | None:
         final = ctx.dir / result["checkpoint"]
         return None if final.is_file() else f"{final} is missing"
+
+
+def starting_model(ctx, stage: str | None) -> str:
+    """The model a stage starts from: the folder ``stage``'s record names as its ``model``, or `model.path`."""
+    return ctx.model_path if stage is None else str(ctx.dir / ctx.record(stage)["model"])
+
+
+def checkpoint_stage_key(path) -> str | None:
+    """The key of the train stage that wrote the checkpoint at ``path`` (None for checkpoints older than the key)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("fusion_stage_key")
 
 
 class Export(Stage):

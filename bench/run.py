@@ -23,6 +23,7 @@ BENCHMARKS = {  # name -> module with run() -> list[dict]
     "fusion_step": "bench.fusion_step",
     "extraction": "bench.extraction",
     "merge": "bench.merge",
+    "dpo_step": "bench.dpo_step",
 }
 
 

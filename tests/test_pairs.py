@@ -121,3 +121,12 @@ def test_wrpo_triples_pair_the_best_source_response_with_the_targets_best_and_wo
     assert [(t["source_chosen"], t["chosen"], t["rejected"]) for t in out] == [("b/p/0", "sft/p/1", "sft/p/2")]
     assert counts == {"prompts": 3, "kept": 1, "dropped: target samples: all responses score the same": 1,
                       "dropped: no passing source response": 1}
+
+
+def test_empty_responses_are_left_out_and_counted():
+    rows = [row("a", "p", 0, 0.9), row("a", "p", 1, 0.5), row("a", "p", 2, 0.48)]
+    rows[0]["text"] = "  "  # a model that ended its turn at once
+    _, pairs, counts = build(rows, ALL_PREFERENCE, seed=0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a/p/1", "a/p/2")]
+    assert counts["preference"]["empty responses left out"] == 1
+    assert "1 empty responses left out" in format_counts(counts)

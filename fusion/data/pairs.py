@@ -90,6 +90,13 @@ def best_and_worst(rows: list[Row], config: PairsConfig) -> tuple[tuple[Row, Row
     return (chosen, rejected), ""
 
 
+def usable(rows: list[Row]) -> tuple[list[Row], int]:
+    """The responses with text, and how many were empty (a model that ends its turn at once): an empty answer is
+    neither taught nor a conversation the chat data accepts."""
+    kept = [r for r in rows if r["text"].strip()]
+    return kept, len(rows) - len(kept)
+
+
 def group(rows: Iterable[Row]) -> dict[str, list[Row]]:
     """Rows by prompt id, in the order the prompts first appear."""
     grouped: dict[str, list[Row]] = {}
@@ -130,6 +137,9 @@ def build(rows: list[Row], config: PairsConfig, seed: int) -> tuple[list[dict], 
     for prompt_id, responses in group(rows).items():
         side = "sft" if in_sft_split(prompt_id, config.sft_share, seed) else "preference"
         counts[side]["prompts"] += 1
+        responses, empty = usable(responses)
+        if empty:
+            counts[side]["empty responses left out"] += empty
         skill = responses[0].get("skill")
         if side == "sft":
             chosen = best(responses)
@@ -161,11 +171,14 @@ def triples(source_rows: list[Row], target_rows: list[Row], prompt_ids: list[str
     out, counts = [], Counter()
     for prompt_id in prompt_ids:
         counts["prompts"] += 1
-        source = best(sources.get(prompt_id, []))
+        (candidates, empty), (own, own_empty) = usable(sources.get(prompt_id, [])), usable(targets.get(prompt_id, []))
+        if empty + own_empty:
+            counts["empty responses left out"] += empty + own_empty
+        source = best(candidates)
         if source is None:
             counts["dropped: no passing source response"] += 1
             continue
-        pair, reason = best_and_worst(targets.get(prompt_id, []), config)
+        pair, reason = best_and_worst(own, config)
         if pair is None:
             counts[f"dropped: target samples: {reason}"] += 1
             continue
@@ -184,6 +197,8 @@ def format_counts(counts: dict[str, dict]) -> str:
     for side, c in counts.items():
         drops = {k.removeprefix("dropped: "): v for k, v in c.items() if k.startswith("dropped: ")}
         detail = "; ".join(f"{v} {k}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]))
+        empty = f"; {c['empty responses left out']} empty responses left out" if c.get("empty responses left out") \
+            else ""
         lines.append(f"{side}: {c.get('prompts', 0)} prompts, {c.get('kept', 0)} kept, {sum(drops.values())} dropped"
-                     + (f" ({detail})" if detail else ""))
+                     + (f" ({detail})" if detail else "") + empty)
     return "\n".join(lines)

@@ -72,7 +72,10 @@ class FuseChat3(Method):
                 f"{chat_source(recipe)}")
 
     def plan(self, recipe: Recipe) -> list[str]:
-        return [sft_line(recipe)]
+        p = recipe.preference
+        return [sft_line(recipe),
+                f"pairs     at most {recipe.chat.max_length} tokens per response with its prompt; prompts cut to their "
+                f"last {p.max_prompt_length} tokens when longer"]
 
     def datamodule(self, ctx) -> PreferenceDataModule:
         d = ctx.recipe.data

@@ -1,0 +1,150 @@
+"""FuseChat-3.0's and WRPO's comparison in miniature, on the chat zoo: one command, one table, one plot.
+
+    python -m fusion.experiments.fusechat3_table           # 3 seeds
+
+Every model starts from the target ``zoo:chat-target`` (it knows the chat format and little else); the sources are
+``recipes/fusechat3.yaml``'s, its prompts, samples and SFT settings for all:
+
+    target             the target as it is
+    target self-sft    SFT on the target's own best samples (fusechat3.yaml with the target as its only source)
+    sft                SFT on the sources' best samples (FuseChat-3.0's first stage)
+    + dpo              then DPO (sigmoid, fusechat3.yaml's beta) on same-source pairs
+    + ln-dpo           then length-normalised DPO (FuseChat-3.0's LN-DPO) on the same pairs, beta ``--ln-beta``
+    + wrpo             then WRPO (wrpo.yaml: the SFT model's own samples, the sources' best weighted in, alpha 0 -> 0.1)
+                       after the same SFT (the same 4:6 split)
+    wrpo alpha=0       the same with alpha 0: DPO on the SFT model's own best and worst samples (on-policy DPO)
+
+Per model and seed: held-out accuracy per skill (greedy, checked), the held-out conversations' assistant-token
+perplexity, and with ``scoring.reward_model`` the answers' mean reward. Mean and sample std over the seeds; paired
+differences (per seed) of the mean accuracy for the papers' ordering WRPO > SFT + DPO > SFT > target, called real
+only beyond 2 standard deviations. The variants that share samples and SFT run in one folder, one after another
+(`fusechat3` and `wrpo` accept another loss or alpha in the same folder and re-run only what depends on it). Runs live
+in ``runs/fusechat3-table/``; the table and plot go to ``docs/results/`` (``fusechat3-table.md``, ``.json``, ``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from fusion.errors import FusionError
+from fusion.experiments.fusechat_table import OVERALL, score, summarise
+from fusion.recipe import load_recipe
+from fusion.report import plot_accuracy, write_table
+
+SELF = "[{path: zoo:chat-target, temperature: 0.8, top_p: 0.95, max_new_tokens: 64}]"
+# The papers' ordering, as (better, worse) pairs of rows.
+ORDERING = (("+ wrpo", "+ dpo"), ("+ dpo", "sft"), ("sft", "target"), ("+ wrpo", "wrpo alpha=0"),
+            ("+ ln-dpo", "+ dpo"), ("sft", "target self-sft"))
+
+
+def fit(recipe: str, out: Path, overrides: list[str], save_as: Path) -> dict:
+    """Run (or resume) ``recipe`` in ``out`` and keep its results.json as ``save_as`` (the next variant in the same
+    folder rewrites it); a saved file means the variant is done."""
+    if save_as.is_file():
+        return json.loads(save_as.read_text())
+    args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"output_dir={out}", *overrides]
+    print(f"[table] {' '.join(args[3:])}", flush=True)
+    if subprocess.run(args).returncode != 0:
+        raise FusionError(f"{out} failed; see the output above, then re-run to resume it")
+    shutil.copyfile(out / "results.json", save_as)
+    return json.loads(save_as.read_text())
+
+
+def row(results: dict, model: str) -> dict:
+    """One model's accuracy, validation and reward from a run's results.json."""
+    return {"accuracy": results["accuracy"][model], "validation": results["validation"][model],
+            "reward": (results.get("reward") or {}).get(model)}
+
+
+def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[str, dict]:
+    base = [f"seed={seed}", *extra]
+    folder = runs / f"s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    own = fit("fusechat3.yaml", folder / "self", [*base, f"sampling.models={SELF}"], folder / "self.json")
+    dpo = fit("fusechat3.yaml", folder / "fusechat3", base, folder / "dpo.json")
+    ln = fit("fusechat3.yaml", folder / "fusechat3", [*base, "preference.loss_type=sigmoid_norm",
+                                                     f"preference.beta={ln_beta}"], folder / "ln-dpo.json")
+    # WRPO after the very same SFT: fusechat3's split, and its reward window off as WRPO's triples have none
+    wrpo_base = [*base, "pairs.sft_share=0.4"]
+    wrpo = fit("wrpo.yaml", folder / "wrpo", wrpo_base, folder / "wrpo.json")
+    alpha0 = fit("wrpo.yaml", folder / "wrpo", [*wrpo_base, "preference.alpha=0.0"], folder / "wrpo-alpha0.json")
+    return {"target": row(dpo, "target"), "target self-sft": row(own, "sft"), "sft": row(dpo, "sft"),
+            "+ dpo": row(dpo, "fusechat3"), "+ ln-dpo": row(ln, "fusechat3"), "+ wrpo": row(wrpo, "wrpo"),
+            "wrpo alpha=0": row(alpha0, "wrpo")}
+
+
+def claims(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
+    """`ORDERING` as paired differences (per seed) of the mean accuracy over skills, in percentage points."""
+    out = []
+    for better, worse in ORDERING:
+        diffs = [100 * (score(per_seed[s][better], None) - score(per_seed[s][worse], None)) for s in per_seed]
+        mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        out.append({"claim": f"{better} > {worse}", "per_seed": diffs, "mean": mean, "std": std,
+                    "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
+    return out
+
+
+def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], found: list[dict]) -> str:
+    skills = [k for k in next(iter(summary.values())) if k not in ("mean", "perplexity")]
+    rewards = all(per_seed[s][m]["reward"] for s in per_seed for m in summary)
+    lines = ["| model | " + " | ".join(skills) + " | mean | perplexity |" + (" mean reward |" if rewards else ""),
+             "|---" * (len(skills) + 3 + rewards) + "|"]
+    for model, values in summary.items():
+        cells = [f"{100 * values[s]['mean']:.1f} ± {100 * values[s]['std']:.1f}" for s in [*skills, "mean"]]
+        ppl = values["perplexity"]
+        cells.append(f"{ppl['mean']:.2f} ± {ppl['std']:.2f}")
+        if rewards:
+            means = [statistics.mean(per_seed[s][model]["reward"].values()) for s in per_seed]
+            cells.append(f"{statistics.mean(means):.3f} ± {statistics.stdev(means) if len(means) > 1 else 0:.3f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| ordering | paired difference of the mean accuracy (points) | holds? |", "|---|---|---|"]
+    for c in found:
+        verdict = ("yes" if c["mean"] > 0 else "no, the reverse") if c["beyond_2std"] else "not beyond 2σ"
+        lines.append(f"| {c['claim']} | {c['mean']:+.1f} ± {c['std']:.1f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusion.experiments.fusechat3_table",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/fusechat3-table", help="where the runs' folders go")
+    parser.add_argument("--out", default="docs/results", help="where fusechat3-table.md/.json/.png are written")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of every run")
+    parser.add_argument("--ln-beta", type=float, default=2.0,
+                        help="LN-DPO's beta: its log-ratios are per token, so it needs about the response length "
+                             "times DPO's (FuseChat-3.0: 10 against 0.01 at 8B)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every run")
+    args = parser.parse_args(argv)
+    try:
+        runs, out = Path(args.runs), Path(args.out)
+        per_seed = {seed: one_seed(seed, runs, args.overrides, args.ln_beta) for seed in args.seeds}
+        for rows in per_seed.values():  # `summarise` reads the overall perplexity only
+            for r in rows.values():
+                r["validation"] = {OVERALL: r["validation"][OVERALL]}
+        summary, found = summarise(per_seed), claims(per_seed)
+        recipe = load_recipe("fusechat3.yaml", args.overrides)
+        command = " ".join(["python -m fusion.experiments.fusechat3_table", *args.overrides, "--seeds",
+                            *map(str, args.seeds), "--ln-beta", str(args.ln_beta)])
+        header = (f"FuseChat-3.0 and WRPO in miniature: held-out accuracy (%) per skill ({recipe.evaluate.questions} "
+                  f"questions each, greedy) and assistant-token perplexity, from zoo:chat-target, mean ± sample std "
+                  f"over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
+        write_table(out, "fusechat3-table", header, markdown(summary, per_seed, found),
+                    {"command": command, "models": summary, "orderings": found,
+                     "per_seed": {str(s): rows for s, rows in per_seed.items()}})
+        plot_accuracy({model: {skill: v["mean"] for skill, v in values.items() if skill != "perplexity"}
+                       for model, values in summary.items()}, out / "fusechat3-table.png",
+                      title="FuseChat-3.0 and WRPO in miniature (mean over seeds)")
+    except FusionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

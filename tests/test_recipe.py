@@ -108,7 +108,7 @@ def test_fsdp_strategy_finds_the_layer_class():
     (["module_class=fusion.modules.skew_kl.SkewKLFuseLLM", "module_args.optim=1"], "set by the framework"),
     (["module_class=fusion.modules.skew_kl.SkewKLFuseLLM", "module_args.alpha=[1]"], "must be float"),
     (["module_class=fusion.modules.base.CausalLMModule"], "must subclass fusion.modules.fusellm.FuseLLMModule"),
-    (["method=fusechat3"], "unknown method 'fusechat3'"),
+    (["method=fusechat4"], "unknown method 'fusechat4'"),
 ])
 def test_module_args_and_methods_are_checked_like_every_recipe_key(overrides, message):
     with pytest.raises(FusionError, match=message):

@@ -3,6 +3,7 @@ sub-run, on-policy samples, reference log-probs, preference training, evaluation
 preference data layout; the recipes' checks."""
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fusion.config import ChatConfig, DataConfig
 from fusion.data.chat import IGNORE_INDEX, ChatDataModule
 from fusion.data.preference import PAIR, PreferenceBatch, PreferenceDataModule, fit_lengths
+from fusion.methods.registry import get_method
 from fusion.zoo import resolve_model
 
 
@@ -106,6 +108,28 @@ def test_killed_during_dpo_it_resumes_at_the_exact_batch(fusechat3_run, tmp_path
     assert sorted(set(steps)) == list(range(total)) and all(steps.count(step) == 1 for step in range(saved))
     ours, uninterrupted = (load_file(folder / "model" / "model.safetensors") for folder in (out, reference))
     assert all(torch.equal(ours[k], uninterrupted[k]) for k in ours)  # bit for bit the uninterrupted run's weights
+
+
+def test_another_loss_in_the_same_folder_reruns_only_the_preference_training(fusechat3_run, tmp_path, zoo_dir,
+                                                                              cache_dir, reward_model):
+    from fusion.pipeline import read_records, stage_states
+    from fusion.recipe import load_recipe
+
+    reference, _ = fusechat3_run
+    out = tmp_path / "moved"
+    shutil.copytree(reference, out)  # a moved run folder resumes: its records hold relative paths
+    args = preference_overrides(out, zoo_dir, cache_dir, reward_model, **{"preference.loss_type": "ipo"})
+    states = {stage.name: state for stage, _, state in stage_states(
+        load_recipe("fusechat3.yaml", args), get_method("fusechat3").stages, read_records(out))}
+    assert states == {"sample": "done", "score": "done", "pairs": "done", "sft": "done", "reference": "done",
+                      "baseline": "done", "accuracy": "done", "train": "stale", "export": "stale",
+                      "evaluate": "stale"}
+    samples = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.jsonl")}
+    result = run_fit("--recipe", "fusechat3.yaml", *args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage sample: already done" in result.stdout and "stage reference: already done" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.jsonl")} == samples
+    assert "IPO" in json.loads((out / "results.json").read_text())["module"]["objective"]
 
 
 def test_wrpo_samples_the_sft_model_and_trains_on_triples_with_a_growing_alpha(tmp_path, zoo_dir, cache_dir,

@@ -31,7 +31,15 @@ from fusion.stages.preference import PAIRS_DIR, OnPolicy, Pairs, Reference, SFTP
 from fusion.stages.sampling import Sample, Score
 from fusion.stages.training import EVALUATION, TRAINING, Baseline, Export, Train
 
-SFT_PHASE = SFTPhase(method=SFT(), stages=(Train(config=(*TRAINING, "chat")), Export()))
+
+class PairsSFT(SFT):
+    """SFT on the pairs stage's examples, as the `sft` stage's sub-run."""
+
+    # The examples' file moves with the run folder; what it holds is the parent's business (`SFTPhase`).
+    open_keys = ("data.source",)
+
+
+SFT_PHASE = SFTPhase(method=PairsSFT(), stages=(Train(config=(*TRAINING, "chat")), Export()))
 
 
 def sft_line(recipe: Recipe) -> str:

@@ -55,8 +55,8 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, loss_type: str
 class DPOModule(SFTModule):
     """DPO (``loss_type`` sigmoid, sigmoid_norm, ipo; β; label smoothing) on ``[chosen; rejected]`` batches.
 
-    Subclass it for another preference loss: override `pair_loss` (the log-ratios and log-probs of a batch's blocks
-    -> per-pair losses), or `responses` and `training_loss` for another batch layout, as `WRPOModule` does.
+    Subclass it for another preference loss: override `pair_loss` (the chosen and rejected log-ratios -> per-pair
+    losses), or `responses` and `preference_step` for another batch layout, as `WRPOModule` does.
     """
 
     responses = 2  # sequences per example in a batch: chosen, rejected

@@ -37,7 +37,7 @@ from fusion.data.responses import (
 from fusion.data.rewards import read_scores, score_store, scores_key
 from fusion.errors import FusionError
 from fusion.stages.base import Stage
-from fusion.stages.sampling import SAMPLES_DIR, _store
+from fusion.stages.sampling import SAMPLES_DIR, _barrier, _rank, _store
 from fusion.trainer import build_predict_trainer
 from fusion.zoo import resolve_model
 
@@ -90,6 +90,7 @@ class Pairs(Stage):
                   f"{text}")
             (ctx.dir / "pairs.md").write_text(f"# Training data of {r.name}\n\n" + "\n\n".join(text.splitlines()) +
                                               "\n")
+        _barrier()  # the other ranks read the files next
         side = [prompt_id for prompt_id in group(rows) if not in_sft_split(prompt_id, r.pairs.sft_share, r.seed)]
         return {"files": files, "counts": counts, "preference_side": side}
 
@@ -116,7 +117,12 @@ class SFTPhase(Stage):
 
     name = "sft"
     needs = ("pairs",)
-    config = ("model", "sft", "chat", "trainer", "fsdp", "deepspeed", "seed", "zoo.size")
+    # The trainer keys the sub-run takes from the recipe (its batch and length are the `sft` section's): another
+    # length or batch of the preference training must not retrain the SFT.
+    config = ("model", "sft", "chat", "fsdp", "deepspeed", "seed", "zoo.size",
+              *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
+                                         "gradient_clip_val", "val_every_n_steps", "log_every_n_steps",
+                                         "checkpoint_every_n_steps", "process_group_backend")))
     outputs = ("branches/sft/ (its own run folder)", "branches/sft/model/")
     summary = "SFT of the target on the best source responses (a sub-run)"
     stages: tuple = ()  # the sub-run's stages and its method (`fusion.methods.sft.SFT`), set by the method
@@ -141,6 +147,7 @@ class SFTPhase(Stage):
         if ctx.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(ctx.stage_key))
+        _barrier()
         child = ctx.child("sft", sft_recipe(ctx.recipe, ctx.dir / ctx.record("pairs")["files"]["sft"]), self.stages,
                           self.method)
         child.run()
@@ -190,9 +197,10 @@ class OnPolicy(Stage):
                          lambda callbacks: build_predict_trainer(r, callbacks), dtype)
         reward_path = resolve_model(c.reward_model, r.zoo.size, r.zoo.dir) if c.reward_model else None
         key = scores_key(c, model_fingerprint(reward_path) if reward_path else None)
-        rank, world = (ctx.trainer.global_rank, ctx.trainer.world_size) if ctx.trainer is not None else (0, 1)
+        rank, world = _rank()
         score_store(store, prompts, c, key, reward_path, resolve_dtype(c.dtype, gpu),
                     lambda callbacks: build_predict_trainer(r, callbacks), rank, world)
+        _barrier()
         sources = [row for row in source_rows(ctx) if row["prompt_id"] in ids]
         rows, counts = triples(sources, read_scores(store, key), [prompt["id"] for prompt in prompts], r.pairs)
         messages = {prompt["id"]: prompt["messages"] for prompt in prompts}
@@ -203,6 +211,7 @@ class OnPolicy(Stage):
             print(f"[fusion] {text}")
             with (ctx.dir / "pairs.md").open("a") as f:
                 f.write(f"\n{text}\n")
+        _barrier()  # the other ranks read the file next
         own = read_scores(store, key)
         return {"files": files, "counts": counts, "samples": str(store.folder.relative_to(ctx.dir)),
                 "pass_rate": round(sum(bool(row["passed"]) for row in own) / max(1, len(own)), 4)}

@@ -61,6 +61,12 @@ def check_preference(recipe: Recipe, method: str) -> None:
             fail("preference.samples", f"the SFT model's best and worst need at least 2 samples, got {p.samples}")
 
 
+def preference_kwargs(recipe: Recipe) -> dict:
+    """`DPOModule`'s arguments from the recipe's `preference` section."""
+    p = recipe.preference
+    return {"loss_type": p.loss_type, "beta": p.beta, "label_smoothing": p.label_smoothing, "reference": p.reference}
+
+
 def preference_datamodule(ctx, data: DataConfig, responses: tuple[str, ...]) -> PreferenceDataModule:
     """Preference rows from ``data``, validated on the recipe's held-out conversations; the reference log-probs are
     the ``reference`` stage's file once it has run."""
@@ -92,9 +98,7 @@ class DPO(Method):
         check_preference(recipe, self.name)
 
     def module_kwargs(self, recipe: Recipe) -> dict:
-        p = recipe.preference
-        return {"loss_type": p.loss_type, "beta": p.beta, "label_smoothing": p.label_smoothing,
-                "reference": p.reference}
+        return preference_kwargs(recipe)
 
     def describe_data(self, recipe: Recipe) -> str:
         d, c = recipe.data, recipe.chat

@@ -21,7 +21,7 @@ from __future__ import annotations
 from fusion.config import DataConfig, Recipe
 from fusion.data.preference import PAIR, TRIPLE, PreferenceDataModule
 from fusion.methods.base import Method
-from fusion.methods.dpo import PREFERENCE_TRAINING, check_preference, preference_datamodule
+from fusion.methods.dpo import PREFERENCE_TRAINING, check_preference, preference_datamodule, preference_kwargs
 from fusion.methods.sample import check_sampling
 from fusion.methods.sft import SFT, chat_source, check_chat
 from fusion.modules.dpo import DPOModule
@@ -70,9 +70,7 @@ class FuseChat3(Method):
         check_preference(recipe, self.name)
 
     def module_kwargs(self, recipe: Recipe) -> dict:
-        p = recipe.preference
-        return {"loss_type": p.loss_type, "beta": p.beta, "label_smoothing": p.label_smoothing,
-                "reference": p.reference}
+        return preference_kwargs(recipe)
 
     def describe_data(self, recipe: Recipe) -> str:
         s = recipe.sampling

@@ -93,6 +93,14 @@ def test_the_dpo_export_reloads_and_differs_from_the_sft_model(fusechat3_run, zo
 def test_killed_during_dpo_it_resumes_at_the_exact_batch(fusechat3_run, tmp_path, zoo_dir, cache_dir, reward_model):
     reference, _ = fusechat3_run
     out = tmp_path / "run"
+    # The finished run with its training undone: samples, pairs, SFT and reference are reused, only DPO reruns.
+    shutil.copytree(reference, out)
+    for stage in ("train", "export", "evaluate"):
+        (out / "stages" / f"{stage}.json").unlink()
+    shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "model")
+    kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" not in json.loads(line)]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     args = preference_overrides(out, zoo_dir, cache_dir, reward_model)
     run = start_fit("--recipe", "fusechat3.yaml", *args)
     last = out / "checkpoints" / "last.ckpt"  # the DPO's (the SFT's are in branches/sft/)

@@ -6,7 +6,7 @@ Every model starts from the target ``zoo:chat-target`` (it knows the chat format
 ``recipes/fusechat3.yaml``'s, its prompts, samples and SFT settings for all:
 
     target             the target as it is
-    target self-sft    SFT on the target's own best samples (fusechat3.yaml with the target as its only source)
+    target self-sft    SFT on the target's own best samples (fusechat3.yaml, the target its only source, SFT batch 4)
     sft                SFT on the sources' best samples (FuseChat-3.0's first stage)
     + dpo              then DPO (sigmoid, fusechat3.yaml's beta) on same-source pairs
     + ln-dpo           then length-normalised DPO (FuseChat-3.0's LN-DPO) on the same pairs, beta ``--ln-beta``
@@ -66,7 +66,9 @@ def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[st
     base = [f"seed={seed}", *extra]
     folder = runs / f"s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    own = fit("fusechat3.yaml", folder / "self", [*base, f"sampling.models={SELF}"], folder / "self.json")
+    # the target answers ~1 % of the prompts right: its SFT set is a dozen conversations, smaller than a batch of 16
+    own = fit("fusechat3.yaml", folder / "self", [*base, f"sampling.models={SELF}", "sft.batch_size=4"],
+              folder / "self.json")
     dpo = fit("fusechat3.yaml", folder / "fusechat3", base, folder / "dpo.json")
     ln = fit("fusechat3.yaml", folder / "fusechat3", [*base, "preference.loss_type=sigmoid_norm",
                                                      f"preference.beta={ln_beta}"], folder / "ln-dpo.json")

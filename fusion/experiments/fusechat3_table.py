@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,22 +43,48 @@ ORDERING = (("+ wrpo", "+ dpo"), ("+ dpo", "sft"), ("sft", "target"), ("+ wrpo",
 
 
 def fit(recipe: str, out: Path, overrides: list[str], save_as: Path) -> dict:
-    """Run (or resume) ``recipe`` in ``out`` and keep its results.json as ``save_as`` (the next variant in the same
-    folder rewrites it); a saved file means the variant is done."""
+    """Run (or resume) ``recipe`` in ``out`` and keep its results.json, with what its training saw, as ``save_as``
+    (the next variant in the same folder rewrites both); a saved file means the variant is done."""
     if save_as.is_file():
         return json.loads(save_as.read_text())
     args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"output_dir={out}", *overrides]
     print(f"[table] {' '.join(args[3:])}", flush=True)
     if subprocess.run(args).returncode != 0:
         raise FusionError(f"{out} failed; see the output above, then re-run to resume it")
-    shutil.copyfile(out / "results.json", save_as)
-    return json.loads(save_as.read_text())
+    results = {**json.loads((out / "results.json").read_text()), "training": training_seen(out)}
+    save_as.write_text(json.dumps(results, indent=1))
+    return results
 
 
-def row(results: dict, model: str) -> dict:
-    """One model's accuracy, validation and reward from a run's results.json."""
+def training_seen(out: Path) -> dict:
+    """The run's data and its preference training's end: SFT examples, pairs (WRPO: triples), optimizer steps, and
+    the reward accuracy and margin averaged over the last quarter of the logged steps of the folder's latest training
+    (its rows since the step counter last went back; a resumed training continues its count)."""
+    def result(stage: str) -> dict:
+        return json.loads((out / "stages" / f"{stage}.json").read_text())["result"]
+
+    counts = result("pairs")["counts"]
+    triples = out / "stages" / "on-policy.json"
+    examples = result("on-policy")["counts"]["kept"] if triples.is_file() else counts["preference"]["kept"]
+    trained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
+    start = max((i for i, row in enumerate(trained) if i == 0 or row["step"] <= trained[i - 1]["step"]), default=0)
+    latest = trained[start:]
+    tail = latest[-max(1, len(latest) // 4):]
+
+    def mean(key: str) -> float | None:  # None: fewer steps than one logging interval
+        return statistics.mean(row[key] for row in tail) if tail else None
+
+    return {"sft_examples": counts["sft"]["kept"], "preference_examples": examples,
+            "steps": result("train")["global_step"], "reward_accuracy": mean("train/rewards/accuracies"),
+            "reward_margin": mean("train/rewards/margins")}
+
+
+def row(results: dict, model: str, trained: bool = False) -> dict:
+    """One model's accuracy, validation and reward from a run's results.json; ``trained``: and what its preference
+    training saw."""
     return {"accuracy": results["accuracy"][model], "validation": results["validation"][model],
-            "reward": (results.get("reward") or {}).get(model)}
+            "reward": (results.get("reward") or {}).get(model),
+            **({"training": results["training"]} if trained else {})}
 
 
 def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[str, dict]:
@@ -77,8 +102,8 @@ def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[st
     wrpo = fit("wrpo.yaml", folder / "wrpo", wrpo_base, folder / "wrpo.json")
     alpha0 = fit("wrpo.yaml", folder / "wrpo", [*wrpo_base, "preference.alpha=0.0"], folder / "wrpo-alpha0.json")
     return {"target": row(dpo, "target"), "target self-sft": row(own, "sft"), "sft": row(dpo, "sft"),
-            "+ dpo": row(dpo, "fusechat3"), "+ ln-dpo": row(ln, "fusechat3"), "+ wrpo": row(wrpo, "wrpo"),
-            "wrpo alpha=0": row(alpha0, "wrpo")}
+            "+ dpo": row(dpo, "fusechat3", True), "+ ln-dpo": row(ln, "fusechat3", True),
+            "+ wrpo": row(wrpo, "wrpo", True), "wrpo alpha=0": row(alpha0, "wrpo", True)}
 
 
 def claims(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
@@ -90,6 +115,13 @@ def claims(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
         out.append({"claim": f"{better} > {worse}", "per_seed": diffs, "mean": mean, "std": std,
                     "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
     return out
+
+
+def spread(values: list[float | None], digits: int) -> str:
+    if None in values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], found: list[dict]) -> str:
@@ -105,6 +137,17 @@ def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], fou
             means = [statistics.mean(per_seed[s][model]["reward"].values()) for s in per_seed]
             cells.append(f"{statistics.mean(means):.3f} ± {statistics.stdev(means) if len(means) > 1 else 0:.3f}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "What each preference training saw, mean ± std over the seeds (reward accuracy and margin: over "
+              "the last quarter of its logged steps):", "",
+              "| model | SFT examples | pairs (WRPO: triples) | steps | reward accuracy | reward margin |",
+              "|---|---|---|---|---|---|"]
+    for model in summary:
+        seen = [per_seed[s][model].get("training") for s in per_seed]
+        if all(seen):
+            cells = [spread([t[key] for t in seen], digits) for key, digits in (
+                ("sft_examples", 0), ("preference_examples", 0), ("steps", 0), ("reward_accuracy", 2),
+                ("reward_margin", 2))]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "| ordering | paired difference of the mean accuracy (points) | holds? |", "|---|---|---|"]
     for c in found:
         verdict = ("yes" if c["mean"] > 0 else "no, the reverse") if c["beyond_2std"] else "not beyond 2σ"

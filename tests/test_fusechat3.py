@@ -244,3 +244,26 @@ def test_the_paper_recipes_pass_dry_run_with_the_papers_settings(recipe, expecte
     assert result.returncode == 0, result.stderr[-2000:]
     missing = [text for text in expected if text not in result.stdout]
     assert not missing, result.stdout
+
+
+def test_the_table_reads_what_the_folders_latest_preference_training_saw(tmp_path):
+    from fusion.experiments.fusechat3_table import training_seen
+
+    def write(stage: str, result: dict) -> None:
+        (tmp_path / "stages").mkdir(exist_ok=True)
+        (tmp_path / "stages" / f"{stage}.json").write_text(json.dumps({"key": "k", "result": result}))
+
+    write("pairs", {"counts": {"sft": {"kept": 561}, "preference": {"kept": 256}}})
+    write("train", {"global_step": 16})
+    # DPO trained first (accuracy 0), then LN-DPO in the same folder (its steps start again); validation rows between
+    rows = [{"step": s, "train/loss": 0.7, "train/rewards/accuracies": 0.0, "train/rewards/margins": -1.0}
+            for s in range(4, 20, 4)]
+    rows += [{"step": 19, "val/loss": 1.0}]
+    rows += [{"step": s, "train/loss": 0.6, "train/rewards/accuracies": s / 16, "train/rewards/margins": s / 8}
+             for s in range(4, 20, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = training_seen(tmp_path)
+    assert seen == {"sft_examples": 561, "preference_examples": 256, "steps": 16, "reward_accuracy": 1.0,
+                    "reward_margin": 2.0}  # the last quarter of the latest training's 4 rows: step 16 alone
+    write("on-policy", {"counts": {"kept": 140}})  # WRPO: its triples are the preference examples
+    assert training_seen(tmp_path)["preference_examples"] == 140

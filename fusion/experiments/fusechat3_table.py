@@ -11,7 +11,7 @@ Every model starts from the target ``zoo:chat-target`` (it knows the chat format
     + dpo              then DPO (sigmoid, fusechat3.yaml's beta) on same-source pairs
     + ln-dpo           then length-normalised DPO (FuseChat-3.0's LN-DPO) on the same pairs, beta ``--ln-beta``
     + wrpo             then WRPO (wrpo.yaml: the SFT model's own samples, the sources' best weighted in, alpha 0 -> 0.1)
-                       after the same SFT (the same 4:6 split)
+                       after the same SFT (fusechat3.yaml's samples and 4:6 split)
     wrpo alpha=0       the same with alpha 0: DPO on the SFT model's own best and worst samples (on-policy DPO)
 
 Per model and seed: held-out accuracy per skill (greedy, checked), the held-out conversations' assistant-token
@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from fusion.config import to_dict
 from fusion.errors import FusionError
 from fusion.experiments.fusechat_table import OVERALL, score, summarise
 from fusion.recipe import load_recipe
@@ -97,8 +99,14 @@ def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[st
     dpo = fit("fusechat3.yaml", folder / "fusechat3", base, folder / "dpo.json")
     ln = fit("fusechat3.yaml", folder / "fusechat3", [*base, "preference.loss_type=sigmoid_norm",
                                                      f"preference.beta={ln_beta}"], folder / "ln-dpo.json")
-    # WRPO after the very same SFT: fusechat3's split, and its reward window off as WRPO's triples have none
-    wrpo_base = [*base, "pairs.sft_share=0.4"]
+    # WRPO after the very same SFT: fusechat3's sources, decoding and split (WRPO's own triples have no reward window).
+    # Same settings and seed give the same sample key, so the wrpo folder starts with a copy of fusechat3's samples,
+    # which sampling's per-shard resume takes as done, instead of drawing the same 24,000 answers again.
+    models = json.dumps(to_dict(load_recipe("fusechat3.yaml", base))["sampling"]["models"])
+    wrpo_base = [*base, "pairs.sft_share=0.4", f"sampling.models={models}"]
+    for sampled in (folder / "fusechat3" / "samples").iterdir():
+        if not (folder / "wrpo" / "samples" / sampled.name).exists():
+            shutil.copytree(sampled, folder / "wrpo" / "samples" / sampled.name)
     wrpo = fit("wrpo.yaml", folder / "wrpo", wrpo_base, folder / "wrpo.json")
     alpha0 = fit("wrpo.yaml", folder / "wrpo", [*wrpo_base, "preference.alpha=0.0"], folder / "wrpo-alpha0.json")
     return {"target": row(dpo, "target"), "target self-sft": row(own, "sft"), "sft": row(dpo, "sft"),

@@ -10,10 +10,10 @@ so the head's share of the step bounds what it can cost extra.
 Shapes: on CUDA a random-weight model of Llama-3.2-1B's shape (16 layers, hidden 2,048, V = 128,256), 2 pairs of
 2,048-token sequences, bf16-mixed with gradient checkpointing; on CPUs (2 cores cannot run that shape many times) a
 Llama of hidden 1,024 and 8 layers at V = 32,000 (the head a quarter of the forward's work, as at 1B), 2 pairs of
-128 tokens, float32; ``FUSION_BENCH_TOKENS`` and ``FUSION_BENCH_PAIRS`` change the length and the pairs (the CPU at
-users' length: ``FUSION_BENCH_TOKENS=2048 FUSION_BENCH_PAIRS=1 FUSION_BENCH_STEPS=3``, ~20 minutes). Responses are
-the second half of each sequence. Variants alternate in one process (`bench.fusion_step.alternate`); ``spread`` is
-the ratio's range over the rounds.
+128 tokens, float32. ``FUSION_BENCH_TOKENS`` and ``FUSION_BENCH_PAIRS`` change the length and the pairs; the CPU at
+users' length: ``FUSION_BENCH_TOKENS=2048 FUSION_BENCH_PAIRS=1 FUSION_BENCH_STEPS=3 FUSION_BENCH_WARMUP=1``.
+Responses are the second half of each sequence. Variants alternate in one process (`bench.fusion_step.alternate`);
+``spread`` is the ratio's range over the rounds.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@
     ``ours_clm`` and ``ours_fusion`` (`CausalLMModule` / `FuseLLMModule` training losses, 3 teachers x
     top-10 fused by MinCE) at several ``loss_chunk_size``. Memory: peak growth over the weights.
 
-Every variant runs ``STEPS`` timed steps (after warm-up), split into ``REPEATS`` rounds in rotating
-order; ``spread`` is the range of the ratio over the rounds. ``FUSION_BENCH_STEPS`` changes STEPS.
+Every variant runs ``STEPS`` timed steps (after ``WARMUP`` untimed ones per round), split into ``REPEATS`` rounds in
+rotating order; ``spread`` is the range of the ratio over the rounds. ``FUSION_BENCH_STEPS`` and
+``FUSION_BENCH_WARMUP`` change STEPS and WARMUP (one warm-up step is enough on CPUs, where a step of long sequences
+takes tens of seconds).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 STEPS = int(os.environ.get("FUSION_BENCH_STEPS", 51))
-REPEATS, WARMUP = 3, 2
+WARMUP = int(os.environ.get("FUSION_BENCH_WARMUP", 2))
+REPEATS = 3
 LOSS_TOKENS = (2, 2048)
 VOCABS = (32000, 151936)
 TEACHERS, TOP_K = 3, 10

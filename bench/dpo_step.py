@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from bench.fusion_step import REPEATS, STEPS, alternate, ratio
+from bench.fusion_step import REPEATS, STEPS, WARMUP, alternate, ratio
 
 GPU_SHAPE = {"model": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                        "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True},
@@ -82,7 +82,7 @@ def run() -> list[dict]:
     results = alternate(variants, device)
     about = {"model": f"{shape['name']}, random weights", "pairs": pairs, "tokens": length,
              "precision": "bf16-mixed" if device == "cuda" else "32-true", "steps": STEPS, "repeats": REPEATS,
-             "device": torch.cuda.get_device_name() if device == "cuda" else device,
+             "warmup": WARMUP, "device": torch.cuda.get_device_name() if device == "cuda" else device,
              "reference": "precomputed"}
     figures = []
     for name, base in (("dpo", "clm_pairs"), ("wrpo", "clm_triples")):

@@ -13,6 +13,8 @@ Every model starts from the target ``zoo:chat-target`` (it knows the chat format
     + wrpo             then WRPO (wrpo.yaml: the SFT model's own samples, the sources' best weighted in, alpha 0 -> 0.1)
                        after the same SFT (fusechat3.yaml's samples and 4:6 split)
     wrpo alpha=0       the same with alpha 0: DPO on the SFT model's own best and worst samples (on-policy DPO)
+    wrpo alpha=0.5     the same with alpha 0 -> 0.5: whether the sources' answers move the model once they weigh more
+                       (at the papers' 0.1 alpha averages 0.05 over training)
 
 Per model and seed: held-out accuracy per skill (greedy, checked), the held-out conversations' assistant-token
 perplexity, and with ``scoring.reward_model`` the answers' mean reward. Mean and sample std over the seeds; paired
@@ -39,9 +41,9 @@ from fusion.recipe import load_recipe
 from fusion.report import plot_accuracy, write_table
 
 SELF = "[{path: zoo:chat-target, temperature: 0.8, top_p: 0.95, max_new_tokens: 64}]"
-# The papers' ordering, as (better, worse) pairs of rows.
+# The papers' ordering, and the alpha that WRPO's source term needs to show, as (better, worse) pairs of rows.
 ORDERING = (("+ wrpo", "+ dpo"), ("+ dpo", "sft"), ("sft", "target"), ("+ wrpo", "wrpo alpha=0"),
-            ("+ ln-dpo", "+ dpo"), ("sft", "target self-sft"))
+            ("+ ln-dpo", "+ dpo"), ("sft", "target self-sft"), ("wrpo alpha=0.5", "wrpo alpha=0"))
 
 
 def fit(recipe: str, out: Path, overrides: list[str], save_as: Path) -> dict:
@@ -109,9 +111,11 @@ def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[st
             shutil.copytree(sampled, folder / "wrpo" / "samples" / sampled.name)
     wrpo = fit("wrpo.yaml", folder / "wrpo", wrpo_base, folder / "wrpo.json")
     alpha0 = fit("wrpo.yaml", folder / "wrpo", [*wrpo_base, "preference.alpha=0.0"], folder / "wrpo-alpha0.json")
+    half = fit("wrpo.yaml", folder / "wrpo", [*wrpo_base, "preference.alpha=0.5"], folder / "wrpo-alpha0.5.json")
     return {"target": row(dpo, "target"), "target self-sft": row(own, "sft"), "sft": row(dpo, "sft"),
             "+ dpo": row(dpo, "fusechat3", True), "+ ln-dpo": row(ln, "fusechat3", True),
-            "+ wrpo": row(wrpo, "wrpo", True), "wrpo alpha=0": row(alpha0, "wrpo", True)}
+            "+ wrpo": row(wrpo, "wrpo", True), "wrpo alpha=0": row(alpha0, "wrpo", True),
+            "wrpo alpha=0.5": row(half, "wrpo", True)}
 
 
 def claims(per_seed: dict[int, dict[str, dict]]) -> list[dict]:

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fusion.config import OptimConfig
 from fusion.modules.dpo import DPOModule, log_ratios, preference_loss
 from fusion.modules.logps import sequence_logps
-from fusion.modules.losses import IGNORE_INDEX
+from fusion.modules.losses import IGNORE_INDEX, labelled_rows, vocab_loss
 from fusion.modules.wrpo import WRPOModule, alpha_at
 
 trl = pytest.importorskip("trl")  # a test-only requirement (requirements.txt)
@@ -226,3 +226,20 @@ def test_online_and_precomputed_references_give_the_same_loss(tmp_path):
     loss_precomputed, _ = online.preference_step(batch)
     assert loss_online.item() == pytest.approx(loss_precomputed.item(), rel=1e-6)
     assert loss_online.item() != pytest.approx(0.6931, abs=1e-4)  # the policy did move: the test can fail
+
+
+def test_only_the_labelled_rows_go_through_the_head_and_prompt_rows_get_no_gradient():
+    targets = torch.tensor([IGNORE_INDEX] * 4 + [3, 1, 4, 1])
+    assert labelled_rows(targets).tolist() == [4, 5, 6, 7]
+    assert labelled_rows(torch.tensor([3] * 15 + [IGNORE_INDEX])) is None  # text: nearly every row counts
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 6, requires_grad=True)
+    weight = torch.randn(10, 6, requires_grad=True)
+    segments = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    sums, _ = sequence_logps(hidden, weight, targets, segments, 2)
+    parts = vocab_loss(hidden, weight, targets)
+    ((sums * torch.tensor([1.0, 2.0])).sum() + 3 * parts.loss).backward()  # weights that do not cancel
+    assert hidden.grad[:4].eq(0).all() and hidden.grad[4:].ne(0).all()
+    gold = F.log_softmax(hidden[4:] @ weight.T, -1).gather(-1, targets[4:, None]).squeeze(-1).detach()
+    assert torch.allclose(sums, torch.stack([gold[:2].sum(), gold[2:].sum()]), atol=1e-5)
+    assert torch.allclose(parts.loss, -gold.sum(), atol=1e-5) and parts.tokens == 4

@@ -8,6 +8,8 @@ CLM loss, a preference loss is not a fixed weighting of per-token terms: its wei
 log Z (4 bytes), and the backward pass computes each chunk's logits once more and its gradient
 ``g_s · (onehot − softmax)``: one head matmul more than the CLM engine, never the ``[N, V]`` float32 tensor
 that gathering from ``log_softmax(logits)`` keeps for backward (2.5 GB at V = 152k and 2 × 2,048 tokens).
+Only the positions that count (the responses) go through the head (`fusion.modules.losses.labelled_rows`): a
+prompt costs the body's forward and backward, not the head's three matmuls.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion import kernels
-from fusion.modules.losses import IGNORE_INDEX, auto_chunk_size
+from fusion.modules.losses import IGNORE_INDEX, auto_chunk_size, labelled_rows
 
 
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor, segments: torch.Tensor,
@@ -44,6 +46,9 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor | None, targets: t
             token = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
             sums = sums.index_add(0, segments[rows], torch.where(mask[rows], token, 0.0))
         return sums, counts
+    keep = labelled_rows(targets)  # the prompts and padding skip the head's matmuls, forward and backward
+    if keep is not None:
+        hidden, targets, segments = hidden.index_select(0, keep), targets[keep], segments[keep]
     sums = _ChunkedSequenceLogps.apply(hidden, weight, bias, targets, segments, n, chunk)
     return sums, counts
 

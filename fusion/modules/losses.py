@@ -184,6 +184,15 @@ def auto_chunk_size(vocab: int) -> int:
     return 1 << max(0, math.ceil(math.log2((1 << 27) / vocab)))
 
 
+def labelled_rows(targets: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the ``[N]`` targets that count (not ``IGNORE_INDEX``), or None when nearly all do. The LM head need
+    only run on those rows: a chat or preference batch's prompts and padding are a third to a half of its tokens,
+    and at a large vocabulary the head is a large share of the step. Selecting costs one host sync and an ``[M, H]``
+    copy, so text rows (one unlabelled position per row) keep every row."""
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    return None if 8 * keep.numel() > 7 * targets.numel() else keep
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` labels -> ``[B, T]`` targets: position ``t`` predicts ``labels[:, t + 1]``; the last
     position has none (``IGNORE_INDEX``). Shifting the labels, not the hidden states, avoids a copy."""
@@ -220,6 +229,11 @@ def vocab_loss(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch
         `LossParts`. Backward works once (the gradient was computed in the forward pass and is
         handed over, not recomputed), as with any loss that is backpropagated once per step.
     """
+    keep = labelled_rows(targets) if weight is not None else None  # given logits exist whole already: no copy
+    if keep is not None:  # the masked rows add nothing to either term, so they skip the head's matmuls
+        hidden, targets = hidden.index_select(0, keep), targets[keep]
+        if ids is not None:
+            ids, probs = ids[keep], probs[keep]
     mask = targets != IGNORE_INDEX
     if ids is None:  # no teacher: empty candidate lists
         ids = torch.zeros((targets.numel(), 0), dtype=torch.long, device=hidden.device)

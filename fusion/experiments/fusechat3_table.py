@@ -63,7 +63,8 @@ def fit(recipe: str, out: Path, overrides: list[str], save_as: Path) -> dict:
 def training_seen(out: Path) -> dict:
     """The run's data and its preference training's end: SFT examples, pairs (WRPO: triples), optimizer steps, and
     the reward accuracy and margin averaged over the last quarter of the logged steps of the folder's latest training
-    (its rows since the step counter last went back; a resumed training continues its count)."""
+    (its rows since the step counter last went back: a training after another in the same folder, or the part after
+    a resume, which re-logs the steps since its checkpoint; either way the end of the latest training)."""
     def result(stage: str) -> dict:
         return json.loads((out / "stages" / f"{stage}.json").read_text())["result"]
 

@@ -89,15 +89,16 @@ def test_overrides_are_typed_and_round_trip():
     assert again["trainer"]["max_steps"] == 7 and again["optim"]["betas"] == [0.9, 0.95]
 
 
-def test_fsdp_strategy_finds_the_layer_class():
+def test_fsdp_strategy_finds_the_layer_class(zoo_dir):
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from fusion.trainer import build_strategy
 
     # the class is found in the model's own transformers module, not by importing every model module
-    # (some need optional packages such as librosa: that scan broke on a GPU machine)
-    recipe = load_recipe("clm-llama2-7b.yaml", ["model.path=zoo:target"])
+    # (some need optional packages such as librosa: that scan broke on a GPU machine); the session's small zoo, as
+    # the full one would be built first on a fresh machine (a minute)
+    recipe = load_recipe("clm-llama2-7b.yaml", ["model.path=zoo:target", "zoo.size=small", f"zoo.dir={zoo_dir}"])
     strategy = build_strategy(recipe)
     assert isinstance(strategy, FSDPStrategy)
     assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes

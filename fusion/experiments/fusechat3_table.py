@@ -148,7 +148,7 @@ def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], fou
         cells.append(f"{ppl['mean']:.2f} ± {ppl['std']:.2f}")
         if rewards:
             means = [statistics.mean(per_seed[s][model]["reward"].values()) for s in per_seed]
-            cells.append(f"{statistics.mean(means):.3f} ± {statistics.stdev(means) if len(means) > 1 else 0:.3f}")
+            cells.append(spread(means, 3))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "What each preference training saw, mean ± std over the seeds (reward accuracy and margin: over "
               "the last quarter of its logged steps):", "",

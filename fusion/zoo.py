@@ -28,6 +28,8 @@ identity: a teacher for checking distillation without any cross-tokenizer alignm
 The chat models ``chat-target``, ``chat-gpt2-code`` and ``chat-neox-prose`` (`fusion.chat_zoo`: the three
 base models with a chat template each, fine-tuned on the chat skills) are built the same way, all three on
 the first request for any of them (`build_chat`), into ``<zoo>/chat-<CHAT_VERSION>``, with its ``chat.json``.
+The reward model ``chat-reward`` (`fusion.reward_zoo`: the pivot with a scoring head, trained on the skills' answers)
+is built on its first request after them (`build_reward`), into ``<zoo>/chat-<CHAT_VERSION>/reward-<N>``.
 
 Perplexities are comparable across models although the tokenizers differ: the summed negative
 log-likelihood of the validation text is divided by the number of *target* tokens of that text. For
@@ -41,6 +43,7 @@ gives bitwise-identical weights. Usage::
     python -m fusion.zoo --size small    # the tiny one that the tests use, about 10 seconds
     python -m fusion.zoo --with-oracle   # the zoo and zoo:oracle
     python -m fusion.zoo --with-chat     # the zoo and its chat models, with their accuracy per skill
+    python -m fusion.zoo --with-reward   # ... and zoo:chat-reward, with its held-out pairwise accuracy
 """
 
 from __future__ import annotations
@@ -67,10 +70,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from fusion.chat_zoo import CHAT_BASES, CHAT_FOLDER, CHAT_JSON, CHAT_MODELS, build_chat_models, format_table
 from fusion.data.corpus import DOMAINS, corpus_fingerprint, embedded_corpus
 from fusion.errors import FusionError
+from fusion.reward_zoo import REWARD_FOLDER, REWARD_JSON, build_reward_model, format_reward
 
 ZOO_VERSION = "3"  # bump whenever the recipe of a core model changes: it names the cache folder
 ZOO_CORE: tuple[str, ...] = ("target", "gpt2-code", "neox-prose")  # built together by build_zoo, in zoo.json
-ZOO_EXTRAS: tuple[str, ...] = ("oracle", *CHAT_MODELS)  # built on first use, into the same zoo folder
+ZOO_EXTRAS: tuple[str, ...] = ("oracle", *CHAT_MODELS, "chat-reward")  # built on first use, into the same zoo folder
 ZOO_MODELS: tuple[str, ...] = ZOO_CORE + ZOO_EXTRAS  # every valid ``zoo:NAME``
 ZOO_PREFIX = "zoo:"
 SEED = 1234
@@ -166,6 +170,8 @@ def resolve_model(ref: str, size: str = "full", root: str | Path | None = None) 
         return str(build_oracle(size, root))
     if name in CHAT_MODELS:
         return str(build_chat(size, root) / CHAT_BASES[name])
+    if name == "chat-reward":
+        return str(build_reward(size, root))
     return str(build_zoo(size, root) / name)
 
 
@@ -220,6 +226,25 @@ def build_chat(size: str = "full", root: str | Path | None = None, progress: boo
             build_chat_models(tmp, zoo, size, progress)
 
     return _build_once(final, CHAT_JSON, build)
+
+
+def build_reward(size: str = "full", root: str | Path | None = None, progress: bool = True) -> Path:
+    """Build ``zoo:chat-reward`` once, after the chat models, and return its folder
+    (``<zoo>/<CHAT_FOLDER>/<REWARD_FOLDER>``); later calls return at once. Same scheme as `build_oracle`, one level
+    further down, with ``reward.json`` as the marker."""
+    chat = build_chat(size, root, progress)
+    final = chat / REWARD_FOLDER
+    if _is_complete(final, REWARD_JSON):
+        return final
+    if not os.access(chat, os.W_OK):
+        raise FusionError(f"zoo:chat-reward is built on first use, into the zoo's chat folder {chat}, which is not "
+                          "writable; set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
+
+    def build(tmp: Path) -> None:
+        with _deterministic(), _quiet_transformers():
+            build_reward_model(tmp, chat, size, progress)
+
+    return _build_once(final, REWARD_JSON, build)
 
 
 def _build_once(final: Path, marker: str, build) -> Path:
@@ -654,6 +679,9 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--with-chat", action="store_true",
                         help="also build (or reuse) the chat models (zoo:chat-target, ...), otherwise built on first "
                              "use only, and print their accuracy and perplexity per skill")
+    parser.add_argument("--with-reward", action="store_true",
+                        help="also build (or reuse) the chat models and zoo:chat-reward, and print the reward model's "
+                             "held-out pairwise accuracy")
     args = parser.parse_args(argv)
     start = time.time()
     folder = build_zoo(args.size, args.dir)
@@ -672,11 +700,16 @@ def _main(argv: list[str] | None = None) -> None:
               f" {m['config_vocab_size']:>6} {m['parameters']:>9,} {m['val_perplexity']['code']:>9.2f}"
               f" {m['val_perplexity']['prose']:>9.2f}")
     print(f"perplexity unit: {manifest['val_perplexity_unit']}")
-    if args.with_chat:
+    if args.with_chat or args.with_reward:
         chat_folder = build_chat(args.size, args.dir)
         chat = json.loads((chat_folder / CHAT_JSON).read_text())
         print(f"\n{chat_folder}  (ready in {time.time() - start:.1f} s; built in {chat['build_seconds']} s)")
         print(format_table(chat))
+    if args.with_reward:
+        reward_folder = build_reward(args.size, args.dir)
+        reward = json.loads((reward_folder / REWARD_JSON).read_text())
+        print(f"\n{reward_folder}  (ready in {time.time() - start:.1f} s; built in {reward['build_seconds']} s)")
+        print(format_reward(reward))
 
 
 if __name__ == "__main__":

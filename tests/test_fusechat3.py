@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_fit, start_fit, tiny_overrides, tiny_reward_model, wait_until
+from conftest import run_fit, start_fit, tiny_overrides, wait_until
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,13 +22,13 @@ from fusion.zoo import resolve_model
 
 
 @pytest.fixture(scope="module")
-def reward_model(tmp_path_factory, zoo_dir) -> str:
-    return tiny_reward_model(tmp_path_factory.mktemp("rm"), zoo_dir)
+def reward_model(zoo_dir) -> str:
+    return resolve_model("zoo:chat-reward", "small", zoo_dir)
 
 
 def preference_overrides(out: Path, zoo_dir: Path, cache_dir: Path, reward_model: str, **changes) -> list[str]:
-    """The small zoo's chat models answer nothing right, so a random reward model ranks their answers (no verifier,
-    no window): every prompt with two different scores gives a pair."""
+    """The small zoo's chat models answer nothing right, so the small zoo's reward model ranks their answers (no
+    verifier, no window): every prompt with two different scores gives a pair."""
     values = {"sampling.prompts": 8, "sampling.prompts_per_shard": 8, "sampling.batch_size": 8, "sampling.n": 2,
               "scoring.verify": "false", "scoring.reward_model": reward_model, "pairs.min_margin": "null",
               "pairs.max_margin": "null", "chat.max_length": 160, "preference.max_prompt_length": 96,
@@ -267,3 +267,25 @@ def test_the_table_reads_what_the_folders_latest_preference_training_saw(tmp_pat
                     "reward_margin": 2.0}  # the last quarter of the latest training's 4 rows: step 16 alone
     write("on-policy", {"counts": {"kept": 140}})  # WRPO: its triples are the preference examples
     assert training_seen(tmp_path)["preference_examples"] == 140
+
+
+def test_the_table_gives_the_mean_reward_and_its_orderings_when_the_runs_had_a_reward_model():
+    from fusion.experiments.fusechat3_table import ORDERING, claims, markdown, summarise
+
+    models = {m for pair in ORDERING for m in pair}
+    # three seeds; "+ wrpo" is above "+ dpo" in reward by 0.5 ± 0.1 but level in accuracy
+    per_seed = {s: {m: {"accuracy": {"code": 0.2, "stdlib": 0.1}, "validation": {"val/perplexity": 9.0},
+                        "reward": {"code": 1.0 + s / 10, "stdlib": 0.0}} for m in models} for s in range(3)}
+    for s in range(3):
+        per_seed[s]["+ wrpo"]["reward"] = {"code": 1.5 + s / 10 + (0.1 if s == 2 else 0.0), "stdlib": 0.5}
+    found = {c["claim"]: c for c in claims(per_seed)}
+    wrpo = found["+ wrpo > + dpo"]
+    assert wrpo["mean"] == 0 and not wrpo["beyond_2std"]
+    assert wrpo["reward"]["per_seed"] == pytest.approx([0.5, 0.5, 0.55]) and wrpo["reward"]["beyond_2std"]
+    table = markdown(summarise(per_seed), per_seed, list(found.values()))
+    assert "| mean reward |" in table.splitlines()[0]
+    assert "| + wrpo > + dpo | +0.0 ± 0.0 | not beyond 2σ | +0.517 ± 0.029 | yes |" in table
+    for s in range(3):  # one run without a reward model: no reward column, no reward orderings
+        per_seed[s]["target"]["reward"] = None
+    table = markdown(summarise(per_seed), per_seed, claims(per_seed))
+    assert "mean reward" not in table and "| + wrpo > + dpo | +0.0 ± 0.0 | not beyond 2σ |" in table

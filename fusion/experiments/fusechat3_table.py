@@ -119,14 +119,27 @@ def one_seed(seed: int, runs: Path, extra: list[str], ln_beta: float) -> dict[st
             "wrpo alpha=0.5": row(half, "wrpo", True)}
 
 
+def mean_reward(model_row: dict) -> float | None:
+    """A model's mean reward over the skills (each skill's mean reward of its answers), None without a reward model."""
+    return statistics.mean(model_row["reward"].values()) if model_row["reward"] else None
+
+
 def claims(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
-    """`ORDERING` as paired differences (per seed) of the mean accuracy over skills, in percentage points."""
+    """`ORDERING` as paired differences (per seed) of the mean accuracy over skills, in percentage points, and where
+    the runs had a reward model, of the mean reward."""
+    def paired(diffs: list[float]) -> dict:
+        mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        return {"per_seed": diffs, "mean": mean, "std": std, "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std}
+
     out = []
     for better, worse in ORDERING:
-        diffs = [100 * (score(per_seed[s][better], None) - score(per_seed[s][worse], None)) for s in per_seed]
-        mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        out.append({"claim": f"{better} > {worse}", "per_seed": diffs, "mean": mean, "std": std,
-                    "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
+        found = {"claim": f"{better} > {worse}",
+                 **paired([100 * (score(per_seed[s][better], None) - score(per_seed[s][worse], None))
+                           for s in per_seed])}
+        rewards = [(mean_reward(per_seed[s][better]), mean_reward(per_seed[s][worse])) for s in per_seed]
+        if all(None not in pair for pair in rewards):
+            found["reward"] = paired([b - w for b, w in rewards])
+        out.append(found)
     return out
 
 
@@ -147,8 +160,7 @@ def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], fou
         ppl = values["perplexity"]
         cells.append(f"{ppl['mean']:.2f} ± {ppl['std']:.2f}")
         if rewards:
-            means = [statistics.mean(per_seed[s][model]["reward"].values()) for s in per_seed]
-            cells.append(spread(means, 3))
+            cells.append(spread([mean_reward(per_seed[s][model]) for s in per_seed], 3))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "What each preference training saw, mean ± std over the seeds (reward accuracy and margin: over "
               "the last quarter of its logged steps):", "",
@@ -161,10 +173,17 @@ def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], fou
                 ("sft_examples", 0), ("preference_examples", 0), ("steps", 0), ("reward_accuracy", 2),
                 ("reward_margin", 2))]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "| ordering | paired difference of the mean accuracy (points) | holds? |", "|---|---|---|"]
+    def verdict(c: dict) -> str:
+        return ("yes" if c["mean"] > 0 else "no, the reverse") if c["beyond_2std"] else "not beyond 2σ"
+
+    lines += ["", "| ordering | paired difference of the mean accuracy (points) | holds? |"
+              + (" of the mean reward | holds? |" if rewards else ""),
+              "|---|---|---|" + ("---|---|" if rewards else "")]
     for c in found:
-        verdict = ("yes" if c["mean"] > 0 else "no, the reverse") if c["beyond_2std"] else "not beyond 2σ"
-        lines.append(f"| {c['claim']} | {c['mean']:+.1f} ± {c['std']:.1f} | {verdict} |")
+        cells = [f"{c['mean']:+.1f} ± {c['std']:.1f}", verdict(c)]
+        if rewards:
+            cells += [f"{c['reward']['mean']:+.3f} ± {c['reward']['std']:.3f}", verdict(c["reward"])]
+        lines.append(f"| {c['claim']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -151,7 +151,7 @@ def spread(values: list[float | None], digits: int) -> str:
 
 
 def markdown(summary: dict[str, dict], per_seed: dict[int, dict[str, dict]], found: list[dict]) -> str:
-    skills = [k for k in next(iter(summary.values())) if k not in ("mean", "perplexity")]
+    skills = [k for k in next(iter(summary.values())) if k not in ("mean", "perplexity", "reward")]
     rewards = all(per_seed[s][m]["reward"] for s in per_seed for m in summary)
     lines = ["| model | " + " | ".join(skills) + " | mean | perplexity |" + (" mean reward |" if rewards else ""),
              "|---" * (len(skills) + 3 + rewards) + "|"]
@@ -208,13 +208,21 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe("fusechat3.yaml", args.overrides)
         command = " ".join(["python -m fusion.experiments.fusechat3_table", *args.overrides, "--seeds",
                             *map(str, args.seeds), "--ln-beta", str(args.ln_beta)])
+        rewards = {model: [mean_reward(per_seed[s][model]) for s in per_seed] for model in summary}
+        scored = all(None not in values for values in rewards.values())
+        reward_note = (f", and the mean reward of the answers by {recipe.scoring.reward_model} (the mean of its "
+                       "per-skill means)") if scored else ""
         header = (f"FuseChat-3.0 and WRPO in miniature: held-out accuracy (%) per skill ({recipe.evaluate.questions} "
-                  f"questions each, greedy) and assistant-token perplexity, from zoo:chat-target, mean ± sample std "
-                  f"over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
+                  f"questions each, greedy) and assistant-token perplexity{reward_note}, from zoo:chat-target, mean "
+                  f"± sample std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
+        if scored:
+            for model, values in rewards.items():
+                summary[model]["reward"] = {"per_seed": values, "mean": statistics.mean(values),
+                                            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         write_table(out, "fusechat3-table", header, markdown(summary, per_seed, found),
                     {"command": command, "models": summary, "orderings": found,
                      "per_seed": {str(s): rows for s, rows in per_seed.items()}})
-        plot_accuracy({model: {skill: v["mean"] for skill, v in values.items() if skill != "perplexity"}
+        plot_accuracy({model: {skill: v["mean"] for skill, v in values.items() if skill not in ("perplexity", "reward")}
                        for model, values in summary.items()}, out / "fusechat3-table.png",
                       title="FuseChat-3.0 and WRPO in miniature (mean over seeds)")
     except FusionError as err:

@@ -164,18 +164,11 @@ def _pairs(conversations: list[dict], answers: dict[str, list], rng: random.Rand
     return pairs, kinds
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-    return ids, mask
-
-
 def _score(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    ids, mask = _pad(rows, pad_id)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    from fusion.data.rewards import _Pad  # right padding, as the scoring stage pads
+
+    batch = _Pad(pad_id)([{"input_ids": row, "row": i} for i, row in enumerate(rows)])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
 
 
 def _train(model, pairs: list[tuple[list[int], list[int]]], cfg: _RewardSize, pad_id: int, progress: bool,

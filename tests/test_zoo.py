@@ -41,7 +41,7 @@ def test_manifest_describes_three_models_with_different_vocabularies(zoo, manife
     assert zoo == zoo_root("small", zoo.parent) and zoo.name == f"small-{ZOO_VERSION}"
     assert manifest["version"] == ZOO_VERSION and manifest["size"] == "small"
     assert isinstance(manifest["seed"], int) and len(manifest["corpus_fingerprint"]) == 16
-    assert tuple(manifest["models"]) == ZOO_CORE and ZOO_MODELS == (*ZOO_CORE, "oracle", *CHAT_MODELS)
+    assert tuple(manifest["models"]) == ZOO_CORE and ZOO_MODELS == (*ZOO_CORE, "oracle", *CHAT_MODELS, "chat-reward")
     vocab = [m["vocab_size"] for m in manifest["models"].values()]
     families = [m["tokenizer_family"] for m in manifest["models"].values()]
     assert len(set(vocab)) == 3 and len(set(families)) == 3

@@ -214,18 +214,8 @@ def build_chat(size: str = "full", root: str | Path | None = None, progress: boo
     file ``<CHAT_FOLDER>.lock`` in the zoo folder, a temporary ``.<CHAT_FOLDER>.tmp-*`` folder renamed into place
     once ``chat.json`` is in it."""
     zoo = build_zoo(size, root, progress)
-    final = zoo / CHAT_FOLDER
-    if _is_complete(final, CHAT_JSON):
-        return final
-    if not os.access(zoo, os.W_OK):
-        raise FusionError(f"the zoo's chat models are built on first use, into the zoo folder {zoo}, which is not "
-                          "writable; set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
-
-    def build(tmp: Path) -> None:
-        with _deterministic(), _quiet_transformers():
-            build_chat_models(tmp, zoo, size, progress)
-
-    return _build_once(final, CHAT_JSON, build)
+    return _build_extra(zoo / CHAT_FOLDER, CHAT_JSON, "the zoo's chat models are",
+                        lambda tmp: build_chat_models(tmp, zoo, size, progress))
 
 
 def build_reward(size: str = "full", root: str | Path | None = None, progress: bool = True) -> Path:
@@ -233,18 +223,24 @@ def build_reward(size: str = "full", root: str | Path | None = None, progress: b
     (``<zoo>/<CHAT_FOLDER>/<REWARD_FOLDER>``); later calls return at once. Same scheme as `build_oracle`, one level
     further down, with ``reward.json`` as the marker."""
     chat = build_chat(size, root, progress)
-    final = chat / REWARD_FOLDER
-    if _is_complete(final, REWARD_JSON):
+    return _build_extra(chat / REWARD_FOLDER, REWARD_JSON, "zoo:chat-reward is",
+                        lambda tmp: build_reward_model(tmp, chat, size, progress))
+
+
+def _build_extra(final: Path, marker: str, what: str, build) -> Path:
+    """An on-first-use model built into ``final`` (deterministically, quietly) unless its ``marker`` is there; its
+    parent folder must be writable."""
+    if _is_complete(final, marker):
         return final
-    if not os.access(chat, os.W_OK):
-        raise FusionError(f"zoo:chat-reward is built on first use, into the zoo's chat folder {chat}, which is not "
-                          "writable; set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
+    if not os.access(final.parent, os.W_OK):
+        raise FusionError(f"{what} built on first use, into the zoo folder {final.parent}, which is not writable; "
+                          "set zoo.dir (or $FUSION_ZOO_DIR) to a folder you can write")
 
-    def build(tmp: Path) -> None:
+    def quietly(tmp: Path) -> None:
         with _deterministic(), _quiet_transformers():
-            build_reward_model(tmp, chat, size, progress)
+            build(tmp)
 
-    return _build_once(final, REWARD_JSON, build)
+    return _build_once(final, marker, quietly)
 
 
 def _build_once(final: Path, marker: str, build) -> Path:

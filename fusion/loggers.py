@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -25,12 +27,15 @@ class JsonlLogger(Logger):
 
     Appending (unlike Lightning's CSVLogger, which rewrites its file) keeps the metrics of an
     interrupted run; after a resume, steps between the last checkpoint and the interruption appear
-    twice, and readers keep the last value (see `read_metrics`).
+    twice, and readers keep the last value (see `read_metrics`). A call repeating the row just
+    written (same step, same values) writes nothing: `RowBeforeCheckpoint` hands a training step's
+    row over before Lightning does.
     """
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.path = Path(path)
+        self._last_row: str | None = None
 
     @property
     def name(self) -> str:
@@ -46,10 +51,42 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}})  # NaN compares equal here
+        if values == self._last_row:
+            return
+        self._last_row = values
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": step, "time": round(time.time(), 3), **json.loads(values)}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class RowBeforeCheckpoint(pl.Callback):
+    """Writes a training step's metrics row before the step's checkpoint can be written.
+
+    Lightning writes checkpoints in `on_train_batch_end` (`ModelCheckpoint`, `StopAtSafePoint`) but
+    hands the step's metrics to the loggers only after every hook has run: a run killed in between
+    resumes after a step whose row was never written. Put before those callbacks, this hands the row
+    to `JsonlLogger` as Lightning's `_LoggerConnector.update_train_step_metrics` will (same keys, same
+    step), and the logger skips Lightning's own call. (W&B keeps Lightning's timing.)
+    """
+
+    def __init__(self, logger: JsonlLogger) -> None:
+        self.logger = logger
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        connector = trainer._logger_connector
+        if (trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization) \
+                or not connector.should_update_logs:
+            return
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        if not metrics:
+            return
+        step = metrics.pop("step", None)
+        if step is None:
+            metrics.setdefault("epoch", trainer.current_epoch)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.logger.log_metrics(metrics, int(step))
 
 
 def read_metrics(path: str | Path) -> dict[str, dict[int, float]]:

@@ -16,6 +16,7 @@ from fusion.config import Recipe
 from fusion.data.sampling import ConsumedBatches
 from fusion.errors import FusionError
 from fusion.interrupt import StopAtSafePoint
+from fusion.loggers import JsonlLogger, RowBeforeCheckpoint
 
 # Lightning advertises its cloud logger on every Trainer; one line of noise per stage.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
@@ -106,6 +107,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, loggers: list, callbacks: list 
         all_callbacks.append(FSDPGradientClipping(clip))
         clip = None
     if training:
+        all_callbacks += [RowBeforeCheckpoint(logger) for logger in loggers if isinstance(logger, JsonlLogger)]
         all_callbacks += [
             ConsumedBatches(),
             StopAtSafePoint(run_dir / "checkpoints" / "last.ckpt"),  # after ConsumedBatches: see its docstring

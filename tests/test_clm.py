@@ -73,31 +73,50 @@ def test_offline_wandb_run_holds_the_logged_metrics(clm_run):
     assert any("val/perplexity" in row for row in history)
 
 
-_KILL_AT_STEP_15 = """
+_KILL = """
 import os, signal, sys
 import lightning.pytorch as pl
 from fusion.recipe import load_recipe
 from fusion.pipeline import run
 
+AFTER_CHECKPOINT = sys.argv.pop(1) == "after-checkpoint"
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job dies: no cleanup at all
+
 class Kill(pl.Callback):
+    def on_train_start(self, trainer, *args):
+        save = trainer.save_checkpoint  # what ModelCheckpoint calls
+
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            if AFTER_CHECKPOINT and trainer.global_step == 10:
+                die()  # the checkpoint is written, Lightning has not logged the step yet
+
+        trainer.save_checkpoint = save_then_die
+
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 15:
-            os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job dies: no cleanup at all
+        if not AFTER_CHECKPOINT and trainer.global_step == 15:
+            die()
 
 run(load_recipe("clm.yaml", sys.argv[1:]), extra_callbacks=[Kill()])
 """
 
 
+@pytest.mark.parametrize("moment", ["at-step-15", "after-checkpoint"])
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(clm_run, tmp_path, zoo_dir,
-                                                                                  cache_dir):
+                                                                                  cache_dir, moment):
     uninterrupted, _ = clm_run
     out = tmp_path / "killed"
     overrides = tiny_overrides(out, zoo_dir, cache_dir)
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILL_AT_STEP_15), *overrides], cwd=ROOT,
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILL), moment, *overrides], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "model").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    before = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in row]
+    assert before == list(range(14 if moment == "at-step-15" else 10))  # every step the checkpoint holds has its row
 
     resumed = run_fit("--recipe", "clm.yaml", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -105,8 +124,10 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     train = json.loads((out / "stages" / "train.json").read_text())["result"]
     assert train["global_step"] == 40
-    steps = read_metrics(out / "metrics.jsonl")["train/loss"]
-    assert sorted(steps) == list(range(40))  # the step count went on from 10 to 40
+    rows = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in row]
+    # The step count went on from 10 to 40; steps 10-13 of a run killed in step 14 were trained, and logged, twice.
+    assert rows == before + list(range(10, 40))
 
     a = load_file(uninterrupted / "model" / "model.safetensors")
     b = load_file(out / "model" / "model.safetensors")

@@ -3,11 +3,13 @@
     python -m fusion.experiments.fusellm_table            # 7 variants x 3 seeds, ~30 minutes on 2 CPU cores
 
 Every variant starts from the same target (``zoo:target``) and trains for the same steps and batch shape
-(those of ``recipes/fusellm.yaml``); only the objective (or the data path) differs:
+(those of ``recipes/fusellm.yaml``); only the objective (or the data path) differs, and the learning rate, which
+each recipe sets to its own best (`fusion.experiments.lr_sweep`; the fusion variants take ``fusellm.yaml``'s):
 
     clm                  ``recipes/clm.yaml``: the causal-LM loss on packed text blocks, what a user runs
                          without fusion (the paper's "Llama-2 CLM"); every difference is measured against it
-    clm-chunks           ``fusellm.yaml`` with lambda = 1: the same loss on the fusion data path's rows
+    clm-chunks           ``fusellm.yaml`` with lambda = 1 at ``clm.yaml``'s learning rate: the same loss and
+                         rate on the fusion data path's rows
     fusellm              FuseLLM as the embedded default runs it (``recipes/fusellm.yaml``): target + both
                          sources, top-50, prefix alignment, MinCE per 32-token span, the top-k's tail as one
                          outcome
@@ -101,8 +103,10 @@ def run_variant(name: str, seed: int, runs: Path) -> dict:
     recipe, overrides = VARIANTS[name]
     out = runs / f"{name}-s{seed}"
     teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
+    # clm-chunks checks the data path against clm: same loss, same rate (unless the table sets one for all)
+    rate = [f"optim.lr={load_recipe('clm.yaml').optim.lr}"] if name == "clm-chunks" else []
     args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}",
-            f"output_dir={out}", f"seed={seed}", *teachers, *_extra, *overrides]  # the variant has the last word
+            f"output_dir={out}", f"seed={seed}", *teachers, *rate, *_extra, *overrides]  # the variant has the last word
     if not (out / "stages" / "evaluate.json").exists():
         print(f"[table] training {name}, seed {seed}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:

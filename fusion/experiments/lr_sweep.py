@@ -1,6 +1,6 @@
 """The learning rate of the embedded CLM and FuseLLM recipes, swept: each compared at its own best rate.
 
-    python -m fusion.experiments.lr_sweep wandb.mode=disabled     # 2 variants x 8 rates x 3 seeds, ~50 minutes
+    python -m fusion.experiments.lr_sweep wandb.mode=disabled     # 2 variants x 8 rates x 3 seeds, ~55 minutes
 
 A baseline tuned worse than the method flatters the method. This trains ``clm`` and ``fusellm`` (the variants of
 `fusion.experiments.fusellm_table`, with every setting of their recipes but ``optim.lr``) at every rate of

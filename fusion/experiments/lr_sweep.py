@@ -37,18 +37,22 @@ def sweep(lrs: list[str], seeds: list[int], runs: Path, overrides: list[str]) ->
     return results
 
 
+def paired(clm: list[float], fused: list[float]) -> dict:
+    """Per-seed differences of ``fused`` against ``clm`` (% of clm's perplexity), their mean, std and 2σ verdict."""
+    diffs = [100 * (f / c - 1) for c, f in zip(clm, fused)]
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"pct_per_seed": diffs, "pct_mean": mean, "pct_std": std,
+            "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std}
+
+
 def summarise(results: dict[str, dict[str, list[float]]]) -> dict:
     """Mean and std per variant and rate, each variant's best rate (lowest mean), and the paired difference of
     ``fusellm`` at its best against ``clm`` at its best."""
     table = {name: {lr: {"per_seed": v, "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                     for lr, v in by_lr.items()} for name, by_lr in results.items()}
     best = {name: min(by_lr, key=lambda lr: by_lr[lr]["mean"]) for name, by_lr in table.items()}
-    clm, fused = table["clm"][best["clm"]]["per_seed"], table["fusellm"][best["fusellm"]]["per_seed"]
-    diffs = [100 * (f / c - 1) for c, f in zip(clm, fused)]
-    mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return {"variants": table, "best_lr": best,
-            "fusellm_best_vs_clm_best": {"pct_per_seed": diffs, "pct_mean": mean, "pct_std": std,
-                                         "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std}}
+    return {"variants": table, "best_lr": best, "fusellm_best_vs_clm_best": paired(
+        table["clm"][best["clm"]]["per_seed"], table["fusellm"][best["fusellm"]]["per_seed"])}
 
 
 def markdown(summary: dict) -> str:
@@ -60,10 +64,8 @@ def markdown(summary: dict) -> str:
             e = summary["variants"][name][lr]
             mark = " **(best)**" if summary["best_lr"][name] == lr else ""
             cells.append(f"{e['mean']:.2f} ± {e['std']:.2f}{mark}")
-        clm, fused = (summary["variants"][n][lr]["per_seed"] for n in VARIANTS)
-        diffs = [100 * (f / c - 1) for c, f in zip(clm, fused)]
-        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        cells.append(f"{statistics.mean(diffs):+.1f} ± {std:.1f}")
+        d = paired(*(summary["variants"][n][lr]["per_seed"] for n in VARIANTS))
+        cells.append(f"{d['pct_mean']:+.1f} ± {d['pct_std']:.1f}")
         lines.append(f"| {lr} | " + " | ".join(cells) + " |")
     d = summary["fusellm_best_vs_clm_best"]
     lines.append(f"\nfusellm at {summary['best_lr']['fusellm']} against clm at {summary['best_lr']['clm']}, paired "

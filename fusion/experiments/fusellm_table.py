@@ -22,15 +22,17 @@ each recipe sets to its own best (`fusion.experiments.lr_sweep`; the fusion vari
                          distillation path and bounds what aligned sources of that strength could give
 
 and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-renormalise``, ``fusellm-top10``,
-``fusellm-sequence``, ``fusellm-token``, ``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9``,
-``fusellm-lambda0.5`` (and ``-renormalise``: λ × tail); ``fusellm-route-domain`` (each document taught by the source
-of its domain: a bound on teacher selection, `fusion.experiments.domain_routing`); ``kd-oracle-top10``;
-``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
+``fusellm-top100``, ``fusellm-t2`` (the teachers at temperature 2), ``fusellm-sequence``, ``fusellm-token``,
+``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9`` / ``0.5`` / ``0.3`` (and
+``fusellm-lambda0.5-renormalise``: λ × tail; ``fusellm-lambda0.5-lr8e-3``: λ × rate); ``fusellm-route-domain``
+(each document taught by the source of its domain: a bound on teacher selection,
+`fusion.experiments.domain_routing`); ``kd-oracle-top10``; ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
 
 Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
 anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
 mean and sample standard deviation over the seeds, and the paired difference to ``clm`` per seed (in
-%, negative = better); a difference is called real only beyond 2 standard deviations of the paired
+%, negative = better; ``--against fusellm`` pairs every row with another variant instead, e.g. to compare
+settings with the default); a difference is called real only beyond 2 standard deviations of the paired
 differences. The initial target's and each source model's perplexities are tabulated beside them (a
 source's on the same text: its summed NLL under its own tokenizer divided by the number of *target*
 tokens, so all rows share one unit). Runs live in ``runs/fusellm-table/<variant>-s<seed>`` (re-running
@@ -87,6 +89,10 @@ VARIANTS = {  # name -> (recipe, overrides)
     "fusellm-mined": ("fusellm.yaml", ["fusion.alignment=mined"]),
     "fusellm-lambda0.9": ("fusellm.yaml", ["fusion.clm_weight=0.9"]),
     "fusellm-lambda0.5": ("fusellm.yaml", ["fusion.clm_weight=0.5"]),
+    "fusellm-lambda0.3": ("fusellm.yaml", ["fusion.clm_weight=0.3"]),
+    "fusellm-lambda0.5-lr8e-3": ("fusellm.yaml", ["fusion.clm_weight=0.5", "optim.lr=8.0e-3"]),
+    "fusellm-top100": ("fusellm.yaml", ["representations.top_k=100"]),
+    "fusellm-t2": ("fusellm.yaml", ["fusion.temperature=2.0"]),
     "fusellm-lambda0.5-renormalise": ("fusellm.yaml", ["fusion.clm_weight=0.5", "fusion.tail=renormalise"]),
     "kd-oracle-top10": ("fusellm.yaml", [f"teachers={ORACLE}", "representations.top_k=10"]),
     "fusellm-route-domain": ("fusellm.yaml", ["module_class=fusion.experiments.domain_routing.DomainRoutedFuseLLM"]),
@@ -115,9 +121,18 @@ def run_variant(name: str, seed: int, runs: Path) -> dict:
     return {"before": evaluation["before"], "after": evaluation["after"]}
 
 
-def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, dict]:
+def paired(reference: list[float], other: list[float]) -> dict:
+    """Per-seed differences of ``other`` against ``reference`` (% of the reference's perplexity, negative =
+    better), their mean, sample std and 2σ verdict."""
+    diffs = [100 * (o / r - 1) for r, o in zip(reference, other)]
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"pct_per_seed": diffs, "pct_mean": mean, "pct_std": std,
+            "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std}
+
+
+def summarise(results: dict[str, dict[int, dict]], seeds: list[int], against: str = "clm") -> dict[str, dict]:
     """Per variant: per-seed perplexities, mean and sample std per domain, and the paired difference to
-    ``clm`` per seed (% of clm's perplexity), its mean, std and whether it is beyond 2 std."""
+    ``against`` per seed (``vs_<against>_pct_per_seed``, ``_mean``, ``_std``, ``vs_<against>_beyond_2std``)."""
     summary = {}
     for name, by_seed in results.items():
         entry = {"seeds": seeds, "recipe": VARIANTS[name][0], "overrides": VARIANTS[name][1]}
@@ -126,27 +141,24 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str
             entry[f"{domain}_ppl_per_seed"] = values
             entry[f"{domain}_ppl_mean"] = statistics.mean(values)
             entry[f"{domain}_ppl_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        if "clm" in results and name != "clm":
-            diffs = [100 * (by_seed[s]["after"][KEYS["overall"]] / results["clm"][s]["after"][KEYS["overall"]] - 1)
-                     for s in seeds]
-            mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            entry.update({"vs_clm_pct_per_seed": diffs, "vs_clm_pct_mean": mean, "vs_clm_pct_std": std,
-                          "vs_clm_beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std})
+        if against in results and name != against:
+            overall = [[results[n][s]["after"][KEYS["overall"]] for s in seeds] for n in (against, name)]
+            entry.update({f"vs_{against}_{k}": v for k, v in paired(*overall).items()})
         summary[name] = entry
     return summary
 
 
-def markdown(summary: dict[str, dict], fixed: dict[str, dict[str, float]]) -> str:
+def markdown(summary: dict[str, dict], fixed: dict[str, dict[str, float]], against: str = "clm") -> str:
     """The table: fixed rows (initial target, sources) with one value, variants with mean ± std."""
-    lines = ["| model | overall | code | prose | vs clm, paired (%) |", "|---|---|---|---|---|"]
+    lines = [f"| model | overall | code | prose | vs {against}, paired (%) |", "|---|---|---|---|---|"]
     for name, row in fixed.items():
         lines.append(f"| {name} | {row[KEYS['overall']]:.2f} | {row[KEYS['code']]:.2f} | {row[KEYS['prose']]:.2f} | |")
     for name, e in summary.items():
         cells = [f"{e[f'{d}_ppl_mean']:.2f} ± {e[f'{d}_ppl_std']:.2f}" for d in KEYS]
         versus = ""
-        if "vs_clm_pct_mean" in e:
-            versus = f"{e['vs_clm_pct_mean']:+.1f} ± {e['vs_clm_pct_std']:.1f}" + (" (beyond 2σ)" if e[
-                "vs_clm_beyond_2std"] else "")
+        if f"vs_{against}_pct_mean" in e:
+            versus = f"{e[f'vs_{against}_pct_mean']:+.1f} ± {e[f'vs_{against}_pct_std']:.1f}" + (
+                " (beyond 2σ)" if e[f"vs_{against}_beyond_2std"] else "")
         lines.append(f"| {name} | {' | '.join(cells)} | {versus} |")
     return "\n".join(lines)
 
@@ -240,25 +252,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results", help="where fusellm-table.md/.json/.png are written")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help=f"variants (default: {', '.join(DEFAULT)})")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of every variant")
+    parser.add_argument("--against", choices=list(VARIANTS),
+                        help="the variant every other is paired with, seed by seed (default: clm)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                         help="applied to every variant, e.g. trainer.max_steps=100")
     args = parser.parse_args(argv)
     _extra[:] = args.overrides
     names = args.only or list(DEFAULT)
+    if args.against and args.against not in names:
+        parser.error(f"--against {args.against} is not among the variants run; add it to --only")
+    against = args.against or "clm"
     try:
         runs, out = Path(args.runs), Path(args.out)
         results = {name: {seed: run_variant(name, seed, runs) for seed in args.seeds} for name in names}
         first = results[names[0]][args.seeds[0]]
         fixed = {"initial target": first["before"], **source_rows(args.overrides)}
-        summary = summarise(results, args.seeds)
+        summary = summarise(results, args.seeds, against)
         recipe = load_recipe("fusellm.yaml", args.overrides)
         # overrides first: after --only or --seeds, argparse would read them as more of those
         command = " ".join(["python -m fusion.experiments.fusellm_table", *args.overrides,
-                            *(["--only", *names] if args.only else []), "--seeds", *map(str, args.seeds)])
+                            *(["--only", *names] if args.only else []), "--seeds", *map(str, args.seeds),
+                            *(["--against", args.against] if args.against else [])])
         header = (f"FuseLLM in miniature: held-out perplexity after {recipe.trainer.max_steps} steps of batch "
                   f"{recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
                   f"std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
-        table = markdown(summary, fixed)
+        table = markdown(summary, fixed, against)
         write_table(out, "fusellm-table", header, table, {"command": command, "fixed": fixed, "variants": summary})
         plot(summary, fixed, out / "fusellm-table.png")
     except FusionError as err:

@@ -37,21 +37,13 @@ def sweep(lrs: list[str], seeds: list[int], runs: Path, overrides: list[str]) ->
     return results
 
 
-def paired(clm: list[float], fused: list[float]) -> dict:
-    """Per-seed differences of ``fused`` against ``clm`` (% of clm's perplexity), their mean, std and 2σ verdict."""
-    diffs = [100 * (f / c - 1) for c, f in zip(clm, fused)]
-    mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return {"pct_per_seed": diffs, "pct_mean": mean, "pct_std": std,
-            "beyond_2std": len(diffs) > 1 and abs(mean) > 2 * std}
-
-
 def summarise(results: dict[str, dict[str, list[float]]]) -> dict:
     """Mean and std per variant and rate, each variant's best rate (lowest mean), and the paired difference of
     ``fusellm`` at its best against ``clm`` at its best."""
     table = {name: {lr: {"per_seed": v, "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                     for lr, v in by_lr.items()} for name, by_lr in results.items()}
     best = {name: min(by_lr, key=lambda lr: by_lr[lr]["mean"]) for name, by_lr in table.items()}
-    return {"variants": table, "best_lr": best, "fusellm_best_vs_clm_best": paired(
+    return {"variants": table, "best_lr": best, "fusellm_best_vs_clm_best": fusellm_table.paired(
         table["clm"][best["clm"]]["per_seed"], table["fusellm"][best["fusellm"]]["per_seed"])}
 
 
@@ -64,7 +56,7 @@ def markdown(summary: dict) -> str:
             e = summary["variants"][name][lr]
             mark = " **(best)**" if summary["best_lr"][name] == lr else ""
             cells.append(f"{e['mean']:.2f} ± {e['std']:.2f}{mark}")
-        d = paired(*(summary["variants"][n][lr]["per_seed"] for n in VARIANTS))
+        d = fusellm_table.paired(*(summary["variants"][n][lr]["per_seed"] for n in VARIANTS))
         cells.append(f"{d['pct_mean']:+.1f} ± {d['pct_std']:.1f}")
         lines.append(f"| {lr} | " + " | ".join(cells) + " |")
     d = summary["fusellm_best_vs_clm_best"]

@@ -32,3 +32,13 @@ def test_a_reference_that_is_not_run_is_refused_before_any_training(capsys):
         fusellm_table.main(["--only", "clm", "fusellm", "--against", "kd-oracle"])
     assert exit_.value.code == 2
     assert "--against kd-oracle is not among the variants run" in capsys.readouterr().err
+
+
+def test_the_json_lists_the_rate_clm_chunks_trains_at():
+    from fusion.recipe import load_recipe
+
+    results = {name: {0: _run(70.0)} for name in ("clm", "clm-chunks")}
+    overrides = fusellm_table.summarise(results, [0])["clm-chunks"]["overrides"]
+    clm_rate, fusion_rate = (load_recipe(r).optim.lr for r in ("clm.yaml", "fusellm.yaml"))
+    assert clm_rate != fusion_rate
+    assert overrides == [f"optim.lr={clm_rate}", "fusion.clm_weight=1.0"]

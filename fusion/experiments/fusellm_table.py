@@ -104,15 +104,18 @@ SOURCES = ("gpt2-code", "neox-prose", "oracle")
 KEYS = {"overall": "val/perplexity", "code": "val/perplexity/code", "prose": "val/perplexity/prose"}
 
 
+def rate_override(name: str) -> list[str]:
+    """clm-chunks checks the data path against clm: same loss, same rate (unless the table sets one for all)."""
+    return [f"optim.lr={load_recipe('clm.yaml').optim.lr}"] if name == "clm-chunks" else []
+
+
 def run_variant(name: str, seed: int, runs: Path) -> dict:
     """Train (or find) one variant at one seed with ``python -m fusion.fit``; its before/after perplexities."""
     recipe, overrides = VARIANTS[name]
     out = runs / f"{name}-s{seed}"
     teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
-    # clm-chunks checks the data path against clm: same loss, same rate (unless the table sets one for all)
-    rate = [f"optim.lr={load_recipe('clm.yaml').optim.lr}"] if name == "clm-chunks" else []
-    args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}",
-            f"output_dir={out}", f"seed={seed}", *teachers, *rate, *_extra, *overrides]  # the variant has the last word
+    args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}", f"output_dir={out}",
+            f"seed={seed}", *teachers, *rate_override(name), *_extra, *overrides]  # the variant has the last word
     if not (out / "stages" / "evaluate.json").exists():
         print(f"[table] training {name}, seed {seed}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
@@ -135,7 +138,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int], against: st
     ``against`` per seed (``vs_<against>_pct_per_seed``, ``_mean``, ``_std``, ``vs_<against>_beyond_2std``)."""
     summary = {}
     for name, by_seed in results.items():
-        entry = {"seeds": seeds, "recipe": VARIANTS[name][0], "overrides": VARIANTS[name][1]}
+        entry = {"seeds": seeds, "recipe": VARIANTS[name][0], "overrides": [*rate_override(name), *VARIANTS[name][1]]}
         for domain, key in KEYS.items():
             values = [by_seed[s]["after"][key] for s in seeds]
             entry[f"{domain}_ppl_per_seed"] = values

@@ -145,8 +145,9 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int], against: st
             entry[f"{domain}_ppl_mean"] = statistics.mean(values)
             entry[f"{domain}_ppl_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         if against in results and name != against:
-            overall = [[results[n][s]["after"][KEYS["overall"]] for s in seeds] for n in (against, name)]
-            entry.update({f"vs_{against}_{k}": v for k, v in paired(*overall).items()})
+            reference = [results[against][s]["after"][KEYS["overall"]] for s in seeds]
+            difference = paired(reference, entry["overall_ppl_per_seed"])
+            entry.update({f"vs_{against}_{k}": v for k, v in difference.items()})
         summary[name] = entry
     return summary
 

@@ -205,22 +205,29 @@ def _dtw_pairs(items: list[tuple[list[str], list[str], tuple, tuple]]) -> list[t
     cost[tuple(np.concatenate(parts) for parts in zip(*where))] = distances[inverse]
 
     # moves[i, a, t]: how cell (a, lo[a] + t) was reached: 0 diagonal, 1 up, 2 left. Ties prefer
-    # diagonal, then up, then left (FuseLLM's order).
-    moves = np.zeros((len(items), n, w_max), dtype=np.int8)
-    moves[:, 0, 1:] = 2  # row 0 is reached from (0, 0) by left moves only
-    total = np.cumsum(cost[:, 0], axis=1)
-    padded = np.full((len(items), 2 * w_max + 1), _BIG)
-    columns = np.arange(w_max)
+    # diagonal, then up, then left (FuseLLM's order). The row loop is sequential, so it only does what
+    # must be: everything that can is computed for all rows at once, before (run) or after (moves) it,
+    # and the previous row is read by flat indices (take_along_axis costs more than the arithmetic).
+    items_n, width = len(items), 2 * w_max + 1
+    totals = np.full((items_n, n, width), _BIG)  # row a's cells at [1, 1 + w_max): room for shifts
+    totals[:, 0, 1:1 + w_max] = np.cumsum(cost[:, 0], axis=1)
+    best_in = np.empty((items_n, n, w_max))
+    diag_first = np.zeros((items_n, n, w_max), dtype=bool)
+    run = np.cumsum(cost, axis=2)  # D[t] = min(best_in[t], D[t-1] + c[t]) = run[t] + min_{s<=t}(best_in[s] - run[s])
+    # Flat index of row a-1's cell under row a's first cell: lo[a] - lo[a-1] <= w_max by `_band`.
+    up_base = (np.arange(items_n)[:, None] * n * width + (np.arange(n) - 1) * width + 1
+               + np.diff(lo_all, axis=1, prepend=0)).T.copy()
+    flat, columns = totals.reshape(-1), np.arange(w_max)
+    gap = np.empty((items_n, w_max))
     for a in range(1, n):
-        padded[:, 1:1 + w_max] = total  # padded[:, 1 + s] is row a-1 at teacher lo[a-1] + s
-        up_at = 1 + (lo_all[:, a] - lo_all[:, a - 1])[:, None] + columns
-        up = np.take_along_axis(padded, up_at, axis=1)
-        diag = np.take_along_axis(padded, up_at - 1, axis=1)
-        c = cost[:, a]
-        best_in = c + np.minimum(diag, up)
-        run = np.cumsum(c, axis=1)  # D[t] = min(best_in[t], D[t-1] + c[t]) = run[t] + min_{s<=t}(best_in[s] - run[s])
-        total = run + np.minimum.accumulate(best_in - run, axis=1)
-        moves[:, a] = np.where(total < best_in, 2, np.where(diag <= up, 0, 1))
+        up_at = up_base[a][:, None] + columns
+        up, diag = flat.take(up_at), flat.take(up_at - 1)
+        np.less_equal(diag, up, out=diag_first[:, a])
+        np.add(cost[:, a], np.minimum(diag, up, out=up), out=best_in[:, a])
+        np.minimum.accumulate(np.subtract(best_in[:, a], run[:, a], out=gap), axis=1, out=gap)
+        np.add(run[:, a], gap, out=totals[:, a, 1:1 + w_max])
+    moves = np.where(totals[:, :, 1:1 + w_max] < best_in, 2, np.where(diag_first, 0, 1)).astype(np.int8)
+    moves[:, 0, 0], moves[:, 0, 1:] = 0, 2  # row 0 is reached from (0, 0) by left moves only
 
     pairs = []
     for i, (t_str, u_str, _, _) in enumerate(items):

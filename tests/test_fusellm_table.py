@@ -42,3 +42,30 @@ def test_the_json_lists_the_rate_clm_chunks_trains_at():
     clm_rate, fusion_rate = (load_recipe(r).optim.lr for r in ("clm.yaml", "fusellm.yaml"))
     assert clm_rate != fusion_rate
     assert overrides == [f"optim.lr={clm_rate}", "fusion.clm_weight=1.0"]
+
+
+def test_rescoring_a_finished_run_reproduces_its_validation_and_reads_the_cap(tmp_path, zoo_dir, cache_dir):
+    import json
+
+    from conftest import run_fit, tiny_overrides
+
+    runs = tmp_path / "runs"
+    overrides = tiny_overrides(runs / "clm-s0", zoo_dir, cache_dir, **{"trainer.max_steps": 6,
+                                                                          "trainer.val_every_n_steps": 6,
+                                                                          "wandb.mode": "disabled"})
+    result = run_fit("--recipe", "clm.yaml", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    validated = json.loads((runs / "clm-s0" / "stages" / "evaluate.json").read_text())["result"]["validation"]
+    scoring = [o for o in overrides if o.split("=")[0] in ("zoo.size", "zoo.dir", "data.cache_dir", "data.block_size")]
+
+    results = {"clm": {0: None}}
+    fusellm_table.rescore(results, runs, [*scoring, "data.max_validation_blocks=8"])  # the run's own blocks
+    for when in ("before", "after"):
+        assert results["clm"][0][when].keys() == validated[when].keys()
+        for key, value in validated[when].items():
+            assert results["clm"][0][when][key] == pytest.approx(value, rel=1e-4), (when, key)
+
+    fusellm_table.rescore(results, runs, [*scoring, "data.max_validation_blocks=24"])  # three times the text
+    for when in ("before", "after"):  # the initial target is re-scored as well
+        more = results["clm"][0][when]
+        assert all(more[key] != pytest.approx(value, rel=1e-3) for key, value in validated[when].items())

@@ -26,7 +26,8 @@ and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-re
 ``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9`` / ``0.5`` / ``0.3`` (and
 ``fusellm-lambda0.5-renormalise``: λ × tail; ``fusellm-lambda0.5-lr8e-3``: λ × rate); ``fusellm-route-domain``
 (each document taught by the source of its domain: a bound on teacher selection,
-`fusion.experiments.domain_routing`); ``kd-oracle-top10``; ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
+`fusion.experiments.domain_routing`); ``fusellm-no-self`` (the two sources without the target as a teacher of
+itself); ``kd-oracle-top10``; ``kd-gpt2-code`` / ``kd-neox-prose`` (one source alone).
 
 Each variant runs with every seed of ``--seeds`` (the recipe's ``seed``: data order, initial shuffles,
 anything random). Per variant: held-out perplexity per domain and overall (the validation blocks),
@@ -35,8 +36,10 @@ mean and sample standard deviation over the seeds, and the paired difference to 
 settings with the default); a difference is called real only beyond 2 standard deviations of the paired
 differences. The initial target's and each source model's perplexities are tabulated beside them (a
 source's on the same text: its summed NLL under its own tokenizer divided by the number of *target*
-tokens, so all rows share one unit). Runs live in ``runs/fusellm-table/<variant>-s<seed>`` (re-running
-skips finished ones); the table and plot go to ``docs/results/`` (``fusellm-table.md``, ``.json``,
+tokens, so all rows share one unit). ``--validation-blocks N`` scores every finished run's exported model (and
+the fixed rows) on the first N held-out blocks per domain instead of the ``data.max_validation_blocks`` it
+validated on: more held-out text, no training changed. Runs live in ``runs/fusellm-table/<variant>-s<seed>``
+(re-running skips finished ones); the table and plot go to ``docs/results/`` (``fusellm-table.md``, ``.json``,
 ``.png``).
 """
 
@@ -96,6 +99,7 @@ VARIANTS = {  # name -> (recipe, overrides)
     "fusellm-lambda0.5-renormalise": ("fusellm.yaml", ["fusion.clm_weight=0.5", "fusion.tail=renormalise"]),
     "kd-oracle-top10": ("fusellm.yaml", [f"teachers={ORACLE}", "representations.top_k=10"]),
     "fusellm-route-domain": ("fusellm.yaml", ["module_class=fusion.experiments.domain_routing.DomainRoutedFuseLLM"]),
+    "fusellm-no-self": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}, {TEACHERS['neox-prose']}]"]),
     "kd-gpt2-code": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}]"]),
     "kd-neox-prose": ("fusellm.yaml", [f"teachers=[{TEACHERS['neox-prose']}]"]),
 }
@@ -122,6 +126,41 @@ def run_variant(name: str, seed: int, runs: Path) -> dict:
             raise FusionError(f"variant {name} (seed {seed}) failed; see the output above, then re-run to resume it")
     evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]
     return {"before": evaluation["before"], "after": evaluation["after"]}
+
+
+@torch.no_grad()
+def block_perplexities(model_path: str | Path, sets: dict) -> dict[str, float]:
+    """The target-tokenizer model's perplexity on each named set of validation blocks and, token-weighted, on
+    all (``val/perplexity``), as the training run's validation computes them."""
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    nll, tokens = {}, {}
+    for name, blocks in sets.items():
+        nll[name] = tokens[name] = 0
+        for start in range(0, len(blocks), 16):
+            ids = blocks[start:start + 16]["input_ids"]
+            logits = model(ids).logits[:, :-1].float()
+            nll[name] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                           reduction="sum").item()
+            tokens[name] += ids[:, 1:].numel()
+    return {KEYS["overall"]: math.exp(sum(nll.values()) / sum(tokens.values())),
+            **{f"val/perplexity/{name}": math.exp(nll[name] / tokens[name]) for name in sets}}
+
+
+def rescore(results: dict[str, dict[int, dict]], runs: Path, overrides: list[str]) -> None:
+    """Replace each run's before/after perplexities by its exported model's (and the initial target's) on the
+    validation blocks of ``fusellm.yaml`` with ``overrides`` (e.g. a larger ``data.max_validation_blocks``)."""
+    recipe = load_recipe("fusellm.yaml", overrides)
+    target_path = resolve_model(recipe.model.path, recipe.zoo.size, recipe.zoo.dir)
+    text = TextDataModule(recipe.data, target_path, recipe.trainer.batch_size, seed=recipe.seed)
+    text.prepare_data()
+    text.setup("validate")
+    before = block_perplexities(target_path, text.validation_sets)
+    for name, by_seed in results.items():
+        for seed in by_seed:
+            print(f"[table] scoring {name}, seed {seed} on {len(next(iter(text.validation_sets.values())))} "
+                  "blocks per domain", flush=True)
+            by_seed[seed] = {"before": before,
+                             "after": block_perplexities(runs / f"{name}-s{seed}" / "model", text.validation_sets)}
 
 
 def paired(reference: list[float], other: list[float]) -> dict:
@@ -258,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--against", choices=list(VARIANTS),
                         help="the variant every other is paired with, seed by seed (default: clm)")
+    parser.add_argument("--validation-blocks", type=int, metavar="N",
+                        help="score the finished runs on the first N held-out blocks per domain (see above)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                         help="applied to every variant, e.g. trainer.max_steps=100")
     args = parser.parse_args(argv)
@@ -269,16 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs, out = Path(args.runs), Path(args.out)
         results = {name: {seed: run_variant(name, seed, runs) for seed in args.seeds} for name in names}
+        scoring = args.overrides
+        if args.validation_blocks:
+            scoring = [*args.overrides, f"data.max_validation_blocks={args.validation_blocks}"]
+            rescore(results, runs, scoring)
         first = results[names[0]][args.seeds[0]]
-        fixed = {"initial target": first["before"], **source_rows(args.overrides)}
+        fixed = {"initial target": first["before"], **source_rows(scoring)}
         summary = summarise(results, args.seeds, against)
         recipe = load_recipe("fusellm.yaml", args.overrides)
         # overrides first: after --only or --seeds, argparse would read them as more of those
         command = " ".join(["python -m fusion.experiments.fusellm_table", *args.overrides,
                             *(["--only", *names] if args.only else []), "--seeds", *map(str, args.seeds),
-                            *(["--against", args.against] if args.against else [])])
-        header = (f"FuseLLM in miniature: held-out perplexity after {recipe.trainer.max_steps} steps of batch "
-                  f"{recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
+                            *(["--against", args.against] if args.against else []),
+                            *(["--validation-blocks", str(args.validation_blocks)] if args.validation_blocks else [])])
+        held_out = f" on {args.validation_blocks} blocks per domain" if args.validation_blocks else ""
+        header = (f"FuseLLM in miniature: held-out perplexity{held_out} after {recipe.trainer.max_steps} steps of "
+                  f"batch {recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
                   f"std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
         table = markdown(summary, fixed, against)
         write_table(out, "fusellm-table", header, table, {"command": command, "fixed": fixed, "variants": summary})

@@ -34,6 +34,13 @@ def test_a_reference_that_is_not_run_is_refused_before_any_training(capsys):
     assert "--against kd-oracle is not among the variants run" in capsys.readouterr().err
 
 
+def test_no_held_out_blocks_is_refused_before_any_training(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fusellm_table.main(["--only", "clm", "--validation-blocks", "0"])
+    assert exit_.value.code == 2
+    assert "--validation-blocks must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_the_json_lists_the_rate_clm_chunks_trains_at():
     from fusion.recipe import load_recipe
 

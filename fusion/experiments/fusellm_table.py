@@ -307,12 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.against and args.against not in names:
         parser.error(f"--against {args.against} is not among the variants run; add it to --only")
     against = args.against or "clm"
+    blocks = args.validation_blocks
+    if blocks is not None and blocks < 1:
+        parser.error(f"--validation-blocks must be at least 1, got {blocks}")
     try:
         runs, out = Path(args.runs), Path(args.out)
         results = {name: {seed: run_variant(name, seed, runs) for seed in args.seeds} for name in names}
         scoring = args.overrides
-        if args.validation_blocks:
-            scoring = [*args.overrides, f"data.max_validation_blocks={args.validation_blocks}"]
+        if blocks is not None:
+            scoring = [*args.overrides, f"data.max_validation_blocks={blocks}"]
             rescore(results, runs, scoring)
         first = results[names[0]][args.seeds[0]]
         fixed = {"initial target": first["before"], **source_rows(scoring)}
@@ -322,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["python -m fusion.experiments.fusellm_table", *args.overrides,
                             *(["--only", *names] if args.only else []), "--seeds", *map(str, args.seeds),
                             *(["--against", args.against] if args.against else []),
-                            *(["--validation-blocks", str(args.validation_blocks)] if args.validation_blocks else [])])
-        held_out = f" on {args.validation_blocks} blocks per domain" if args.validation_blocks else ""
+                            *(["--validation-blocks", str(blocks)] if blocks is not None else [])])
+        held_out = f" on {blocks} blocks per domain" if blocks is not None else ""
         header = (f"FuseLLM in miniature: held-out perplexity{held_out} after {recipe.trainer.max_steps} steps of "
                   f"batch {recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "
                   f"std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")

@@ -149,18 +149,13 @@ def block_perplexities(model_path: str | Path, sets: dict) -> dict[str, float]:
 def rescore(results: dict[str, dict[int, dict]], runs: Path, overrides: list[str]) -> None:
     """Replace each run's before/after perplexities by its exported model's (and the initial target's) on the
     validation blocks of ``fusellm.yaml`` with ``overrides`` (e.g. a larger ``data.max_validation_blocks``)."""
-    recipe = load_recipe("fusellm.yaml", overrides)
-    target_path = resolve_model(recipe.model.path, recipe.zoo.size, recipe.zoo.dir)
-    text = TextDataModule(recipe.data, target_path, recipe.trainer.batch_size, seed=recipe.seed)
-    text.prepare_data()
-    text.setup("validate")
-    before = block_perplexities(target_path, text.validation_sets)
+    recipe, target_path, sets = validation_sets(overrides)
+    before = block_perplexities(target_path, sets)
     for name, by_seed in results.items():
         for seed in by_seed:
-            print(f"[table] scoring {name}, seed {seed} on {len(next(iter(text.validation_sets.values())))} "
-                  "blocks per domain", flush=True)
-            by_seed[seed] = {"before": before,
-                             "after": block_perplexities(runs / f"{name}-s{seed}" / "model", text.validation_sets)}
+            print(f"[table] scoring {name}, seed {seed} on {recipe.data.max_validation_blocks} blocks per domain",
+                  flush=True)
+            by_seed[seed] = {"before": before, "after": block_perplexities(runs / f"{name}-s{seed}" / "model", sets)}
 
 
 def paired(reference: list[float], other: list[float]) -> dict:
@@ -240,19 +235,24 @@ def source_perplexity(model_path: str, blocks, target_tokenizer) -> float:
     return math.exp(nll / target_tokens)
 
 
-def source_rows(overrides: list[str]) -> dict[str, dict[str, float]]:
+def validation_sets(overrides: list[str]) -> tuple:
+    """``(recipe, target_path, sets)``: ``fusellm.yaml`` with ``overrides``, and its named validation blocks."""
     recipe = load_recipe("fusellm.yaml", overrides)
     target_path = resolve_model(recipe.model.path, recipe.zoo.size, recipe.zoo.dir)
     text = TextDataModule(recipe.data, target_path, recipe.trainer.batch_size, seed=recipe.seed)
     text.prepare_data()
     text.setup("validate")
+    return recipe, target_path, text.validation_sets
+
+
+def source_rows(overrides: list[str]) -> dict[str, dict[str, float]]:
+    recipe, target_path, sets = validation_sets(overrides)
     target_tokenizer = load_tokenizer(target_path)
     rows = {}
     for source in SOURCES:
         path = resolve_model(f"zoo:{source}", recipe.zoo.size, recipe.zoo.dir)
-        per_set = {name: source_perplexity(path, blocks, target_tokenizer)
-                   for name, blocks in text.validation_sets.items()}
-        tokens = {name: _tokens(blocks) for name, blocks in text.validation_sets.items()}
+        per_set = {name: source_perplexity(path, blocks, target_tokenizer) for name, blocks in sets.items()}
+        tokens = {name: _tokens(blocks) for name, blocks in sets.items()}
         overall = math.exp(sum(math.log(per_set[n]) * tokens[n] for n in tokens) / sum(tokens.values()))
         rows[f"source {source}"] = {"val/perplexity": overall,
                                     **{f"val/perplexity/{n}": v for n, v in per_set.items()}}

@@ -51,17 +51,24 @@ def test_the_json_lists_the_rate_clm_chunks_trains_at():
     assert overrides == [f"optim.lr={clm_rate}", "fusion.clm_weight=1.0"]
 
 
-def test_rescoring_a_finished_run_reproduces_its_validation_and_reads_the_cap(tmp_path, zoo_dir, cache_dir):
-    import json
-
+@pytest.fixture(scope="module")
+def finished_clm_run(tmp_path_factory, zoo_dir, cache_dir):
+    """A 6-step tiny ``clm`` run at seed 0 in ``<runs>/clm-s0``, as the table lays it out: (runs, overrides)."""
     from conftest import run_fit, tiny_overrides
 
-    runs = tmp_path / "runs"
-    overrides = tiny_overrides(runs / "clm-s0", zoo_dir, cache_dir, **{"trainer.max_steps": 6,
+    runs = tmp_path_factory.mktemp("table") / "runs"
+    overrides = tiny_overrides(runs / "clm-s0", zoo_dir, cache_dir, **{"trainer.max_steps": 6, "seed": 0,
                                                                           "trainer.val_every_n_steps": 6,
                                                                           "wandb.mode": "disabled"})
     result = run_fit("--recipe", "clm.yaml", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
+    return runs, overrides
+
+
+def test_rescoring_a_finished_run_reproduces_its_validation_and_reads_the_cap(finished_clm_run):
+    import json
+
+    runs, overrides = finished_clm_run
     validated = json.loads((runs / "clm-s0" / "stages" / "evaluate.json").read_text())["result"]["validation"]
     scoring = [o for o in overrides if o.split("=")[0] in ("zoo.size", "zoo.dir", "data.cache_dir", "data.block_size")]
 
@@ -76,3 +83,23 @@ def test_rescoring_a_finished_run_reproduces_its_validation_and_reads_the_cap(tm
     for when in ("before", "after"):  # the initial target is re-scored as well
         more = results["clm"][0][when]
         assert all(more[key] != pytest.approx(value, rel=1e-3) for key, value in validated[when].items())
+
+
+def test_a_finished_run_is_reused_only_under_the_settings_it_was_trained_with(finished_clm_run, monkeypatch, capsys):
+    import json
+
+    runs, overrides = finished_clm_run
+    validated = json.loads((runs / "clm-s0" / "stages" / "evaluate.json").read_text())["result"]["validation"]
+    same = [o for o in overrides if not o.startswith("output_dir=")]  # the table sets the folder and seed itself
+    monkeypatch.setattr(fusellm_table, "_extra", same)
+    assert fusellm_table.run_variant("clm", 0, runs)["after"] == validated["after"]  # found, not trained again
+
+    # the same folder under a command with another batch size: refused, naming the folder, nothing retrained
+    before = (runs / "clm-s0" / "stages" / "train.json").read_text()
+    code = fusellm_table.main([*same, "trainer.batch_size=16", "--runs", str(runs), "--out", str(runs.parent),
+                              "--only", "clm", "--seeds", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{runs / 'clm-s0'} holds a finished run made with other settings" in err
+    assert "train" in err and "--runs" in err
+    assert (runs / "clm-s0" / "stages" / "train.json").read_text() == before

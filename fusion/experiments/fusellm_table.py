@@ -39,7 +39,8 @@ source's on the same text: its summed NLL under its own tokenizer divided by the
 tokens, so all rows share one unit). ``--validation-blocks N`` scores every finished run's exported model (and
 the fixed rows) on the first N held-out blocks per domain instead of the ``data.max_validation_blocks`` it
 validated on: more held-out text, no training changed. Runs live in ``runs/fusellm-table/<variant>-s<seed>``
-(re-running skips finished ones); the table and plot go to ``docs/results/`` (``fusellm-table.md``, ``.json``,
+(re-running skips finished ones; one finished under other settings is refused, exit 2, rather than
+reported under this command); the table and plot go to ``docs/results/`` (``fusellm-table.md``, ``.json``,
 ``.png``).
 """
 
@@ -59,6 +60,8 @@ from transformers import AutoModelForCausalLM
 from fusion.data.chunks import start_token_id
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.errors import FusionError
+from fusion.methods.registry import get_method
+from fusion.pipeline import read_records, stage_states
 from fusion.recipe import load_recipe
 from fusion.report import write_table
 from fusion.zoo import resolve_model
@@ -120,12 +123,27 @@ def run_variant(name: str, seed: int, runs: Path) -> dict:
     teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
     args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}", f"output_dir={out}",
             f"seed={seed}", *teachers, *rate_override(name), *_extra, *overrides]  # the variant has the last word
-    if not (out / "stages" / "evaluate.json").exists():
+    if (out / "stages" / "evaluate.json").exists():
+        check_same_settings(out, recipe, args[5:])
+    else:
         print(f"[table] training {name}, seed {seed}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
             raise FusionError(f"variant {name} (seed {seed}) failed; see the output above, then re-run to resume it")
     evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]
     return {"before": evaluation["before"], "after": evaluation["after"]}
+
+
+def check_same_settings(out: Path, recipe: str, overrides: list[str]) -> None:
+    """A finished run is reused only if this command would train it the same way: every stage it recorded has
+    the key that ``recipe`` with ``overrides`` gives (otherwise, e.g. after ``trainer.batch_size=16`` on a folder
+    of batch-8 runs, the table would silently report the old settings under the new command)."""
+    resolved = load_recipe(recipe, overrides)
+    stale = [stage.name for stage, _, state in stage_states(resolved, get_method(resolved.method).stages,
+                                                             read_records(out)) if state != "done"]
+    if stale:
+        raise FusionError(f"{out} holds a finished run made with other settings than this command's (its stages "
+                          f"{', '.join(stale)} differ); pass --runs with a new folder for these settings, or "
+                          f"delete {out} to train it again")
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ A baseline tuned worse than the method flatters the method. This trains ``clm`` 
 ``--lrs`` and every seed, then reports per rate the held-out overall perplexity (mean ± sample std over seeds),
 each variant's best rate, and the paired difference (per seed, in %) of ``fusellm`` at its best rate against
 ``clm`` at its best rate: the comparison a user who tunes both would see. Runs live in
-``runs/lr-sweep/<rate>/<variant>-s<seed>`` (finished ones are skipped); the table, JSON and plot go to
+``runs/lr-sweep/<rate>/<variant>-s<seed>`` (finished ones are skipped, and refused if made under other
+settings: pass ``--runs`` with a new folder when adding overrides); the table, JSON and plot go to
 ``docs/results/lr-sweep.*``.
 """
 

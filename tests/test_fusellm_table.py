@@ -93,6 +93,11 @@ def test_a_finished_run_is_reused_only_under_the_settings_it_was_trained_with(fi
     same = [o for o in overrides if not o.startswith("output_dir=")]  # the table sets the folder and seed itself
     monkeypatch.setattr(fusellm_table, "_extra", same)
     assert fusellm_table.run_variant("clm", 0, runs)["after"] == validated["after"]  # found, not trained again
+    out = runs.parent / "table"
+    assert fusellm_table.main([*same, "--runs", str(runs), "--out", str(out), "--only", "clm", "--seeds", "0"]) == 0
+    table = json.loads((out / "fusellm-table.json").read_text())
+    assert table["variants"]["clm"]["overall_ppl_mean"] == pytest.approx(validated["after"]["val/perplexity"])
+    assert table["command"].endswith(f"--seeds 0 --runs {runs} --out {out}")  # re-reads these runs, not the default's
 
     # the same folder under a command with another batch size: refused, naming the folder, nothing retrained
     before = (runs / "clm-s0" / "stages" / "train.json").read_text()

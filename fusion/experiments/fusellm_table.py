@@ -306,6 +306,12 @@ def plot(summary: dict[str, dict], fixed: dict[str, dict[str, float]], out_file:
 _extra: list[str] = []
 
 
+def folder_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """``--runs`` and ``--out`` as given, where not the defaults: the recorded command then re-reads the same runs."""
+    return [f"--{key} {getattr(args, key)}" for key in ("runs", "out")
+            if getattr(args, key) != parser.get_default(key)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusion.experiments.fusellm_table",
                                      description=__doc__.split("\n\n")[0])
@@ -343,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["python -m fusion.experiments.fusellm_table", *args.overrides,
                             *(["--only", *names] if args.only else []), "--seeds", *map(str, args.seeds),
                             *(["--against", args.against] if args.against else []),
-                            *(["--validation-blocks", str(blocks)] if blocks is not None else [])])
+                            *(["--validation-blocks", str(blocks)] if blocks is not None else []),
+                            *folder_options(parser, args)])
         held_out = f" on {blocks} blocks per domain" if blocks is not None else ""
         header = (f"FuseLLM in miniature: held-out perplexity{held_out} after {recipe.trainer.max_steps} steps of "
                   f"batch {recipe.trainer.batch_size} x {recipe.data.block_size} tokens from zoo:target, mean ± sample "

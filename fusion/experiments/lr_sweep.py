@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     command = " ".join(["python -m fusion.experiments.lr_sweep", *args.overrides, "--lrs", *args.lrs,
-                        "--seeds", *map(str, args.seeds)])
+                        "--seeds", *map(str, args.seeds), *fusellm_table.folder_options(parser, args)])
     header = (f"Held-out overall perplexity of `clm` and `fusellm` (the embedded recipes, all else unchanged) per "
               f"learning rate, mean ± sample std over seeds {', '.join(map(str, args.seeds))} (`{command}`)\n\n")
     out = Path(args.out)

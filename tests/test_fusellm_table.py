@@ -90,7 +90,7 @@ def test_a_finished_run_is_reused_only_under_the_settings_it_was_trained_with(fi
 
     runs, overrides = finished_clm_run
     validated = json.loads((runs / "clm-s0" / "stages" / "evaluate.json").read_text())["result"]["validation"]
-    same = [o for o in overrides if not o.startswith("output_dir=")]  # the table sets the folder and seed itself
+    same = [o for o in overrides if not o.startswith("output_dir=")]  # the table sets the folder itself
     monkeypatch.setattr(fusellm_table, "_extra", same)
     assert fusellm_table.run_variant("clm", 0, runs)["after"] == validated["after"]  # found, not trained again
     out = runs.parent / "table"

@@ -20,8 +20,8 @@ checked) and assistant-token perplexity on the held-out conversations (the pivot
 whose tokenizers differ). Mean and sample std over the seeds; paired differences (per seed) of the mean accuracy
 over skills for the paper's orderings, called real only beyond 2 standard deviations; and, for the first seed, the
 straight line between the two pairwise targets (`interpolation`: whether they can be merged at all). Runs live in
-``runs/fusechat-table/`` (re-running skips finished ones); the table and plot go to ``docs/results/``
-(``fusechat-table.md``, ``.json``, ``.png``).
+``runs/fusechat-table/`` (re-running skips finished ones, and refuses one made under other settings); the
+table and plot go to ``docs/results/`` (``fusechat-table.md``, ``.json``, ``.png``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM
 from fusion.chat_eval import skill_accuracy
 from fusion.data.chat import IGNORE_INDEX, chat_datamodule, pad_batch
 from fusion.errors import FusionError
+from fusion.experiments.finished import check_same_settings
 from fusion.merge.config import load_merge_config
 from fusion.merge.stream import run_merge
 from fusion.recipe import load_recipe
@@ -68,7 +69,9 @@ OVERALL = "val/perplexity"
 def fit(recipe: str, out: Path, overrides: list[str]) -> dict:
     """Train (or find) one run with ``python -m fusion.fit``; its results.json."""
     args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"output_dir={out}", *overrides]
-    if not (out / "stages" / "evaluate.json").exists():
+    if (out / "stages" / "evaluate.json").exists():
+        check_same_settings(out, recipe, args[5:])
+    else:
         print(f"[table] {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
             raise FusionError(f"{out} failed; see the output above, then re-run to resume it")

@@ -60,8 +60,7 @@ from transformers import AutoModelForCausalLM
 from fusion.data.chunks import start_token_id
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.errors import FusionError
-from fusion.methods.registry import get_method
-from fusion.pipeline import read_records, stage_states
+from fusion.experiments.finished import check_same_settings
 from fusion.recipe import load_recipe
 from fusion.report import write_table
 from fusion.zoo import resolve_model
@@ -131,19 +130,6 @@ def run_variant(name: str, seed: int, runs: Path) -> dict:
             raise FusionError(f"variant {name} (seed {seed}) failed; see the output above, then re-run to resume it")
     evaluation = json.loads((out / "stages" / "evaluate.json").read_text())["result"]["validation"]
     return {"before": evaluation["before"], "after": evaluation["after"]}
-
-
-def check_same_settings(out: Path, recipe: str, overrides: list[str]) -> None:
-    """A finished run is reused only if this command would train it the same way: every stage it recorded has
-    the key that ``recipe`` with ``overrides`` gives (otherwise, e.g. after ``trainer.batch_size=16`` on a folder
-    of batch-8 runs, the table would silently report the old settings under the new command)."""
-    resolved = load_recipe(recipe, overrides)
-    stale = [stage.name for stage, _, state in stage_states(resolved, get_method(resolved.method).stages,
-                                                             read_records(out)) if state != "done"]
-    if stale:
-        raise FusionError(f"{out} holds a finished run made with other settings than this command's (its stages "
-                          f"{', '.join(stale)} differ); pass --runs with a new folder for these settings, or "
-                          f"delete {out} to train it again")
 
 
 @torch.no_grad()

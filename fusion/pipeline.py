@@ -149,8 +149,8 @@ class Run:
                     raise FusionError(
                         f"{self.dir} holds a run of a different recipe ({key}: {saved.get(key)!r} there, "
                         f"{value!r} now); resume with the same recipe, or start anew with output_dir=runs/NEW_NAME")
-        if self.is_global_zero:
-            text = yaml.safe_dump(resolved, sort_keys=False).encode()
+        if self.is_global_zero:  # a recipe again: `fit --recipe RUN/recipe.yaml` resumes this run
+            text = yaml.safe_dump({k: v for k, v in resolved.items() if k != "source_file"}, sort_keys=False).encode()
             atomic_write(saved_file, lambda f: f.write(text))
         self.records = read_records(self.dir)
 

@@ -53,6 +53,10 @@ def test_rerun_skips_finished_stages(clm_run):
     result = run_fit("--recipe", "clm.yaml", *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already done, skipped") == 4
+    # the run folder's recipe.yaml is a recipe: given back to fit on its own, it resumes the same run
+    result = run_fit("--recipe", str(out / "recipe.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("already done, skipped") == 4
     assert (out / "model" / "model.safetensors").stat().st_mtime == before
 
 

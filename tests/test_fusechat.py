@@ -107,6 +107,18 @@ def test_the_merged_model_reloads_and_chats_through_the_pivots_template(fusechat
     assert answer.shape[1] > prompt["input_ids"].shape[1]
 
 
+def test_the_table_reuses_a_finished_run_only_under_its_own_settings(fusechat_run):
+    from fusion.errors import FusionError
+    from fusion.experiments.finished import check_same_settings
+
+    out, _ = fusechat_run
+    check_same_settings(out, str(out / "recipe.yaml"), [])  # as it was trained: every stage, pairs included, done
+    with pytest.raises(FusionError, match="made with other settings") as refused:
+        check_same_settings(out, str(out / "recipe.yaml"), ["merge.method=slerp"])
+    stale = str(refused.value).split("its stages ")[1].split(" differ")[0].split(", ")
+    assert stale[0] == "merge" and "pairs" not in stale  # what another merge would redo: not the pairs
+
+
 def test_a_pair_killed_mid_training_resumes_and_the_finished_pair_is_not_redone(tmp_path, zoo_dir, cache_dir):
     out = tmp_path / "run"
     args = fusechat_overrides(out, zoo_dir, cache_dir, **{"trainer.max_steps": 30, "trainer.val_every_n_steps": 1000,

@@ -140,6 +140,23 @@ def test_another_loss_in_the_same_folder_reruns_only_the_preference_training(fus
     assert "IPO" in json.loads((out / "results.json").read_text())["module"]["objective"]
 
 
+def test_the_table_keeps_a_variant_only_under_the_settings_it_was_made_with(fusechat3_run, tmp_path, zoo_dir,
+                                                                          cache_dir, reward_model):
+    from fusion.errors import FusionError
+    from fusion.experiments.fusechat3_table import fit
+
+    reference, _ = fusechat3_run
+    out, save_as = tmp_path / "fusechat3", tmp_path / "dpo.json"
+    shutil.copytree(reference, out)
+    args = [a for a in preference_overrides(out, zoo_dir, cache_dir, reward_model) if not a.startswith("output_dir=")]
+    saved = fit("fusechat3.yaml", out, args, save_as)  # the finished run: every stage skipped, the variant saved
+    recorded = {p.stem: json.loads(p.read_text())["key"] for p in (out / "stages").glob("*.json")}
+    assert saved["stage_keys"] == recorded and json.loads(save_as.read_text()) == saved
+    assert fit("fusechat3.yaml", out, args, save_as) == saved  # found again under the same settings
+    with pytest.raises(FusionError, match="dpo.json holds a variant made with other settings"):
+        fit("fusechat3.yaml", out, [*args, "preference.loss_type=ipo"], save_as)
+
+
 def test_wrpo_samples_the_sft_model_and_trains_on_triples_with_a_growing_alpha(tmp_path, zoo_dir, cache_dir,
                                                                                reward_model):
     out = tmp_path / "wrpo"

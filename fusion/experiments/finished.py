@@ -21,3 +21,10 @@ def check_same_settings(out: Path, recipe: str, overrides: list[str]) -> None:
         raise FusionError(f"{out} holds a finished run made with other settings than this command's (its stages "
                           f"{', '.join(stale)} differ); pass --runs with a new folder for these settings, or "
                           f"delete {out} to train it again")
+
+
+def stage_keys(recipe: str, overrides: list[str]) -> dict[str, str]:
+    """Each stage's key under ``recipe`` with ``overrides``: what a run's records must hold to count as this run.
+    For tables that keep a finished variant's results apart from its folder, which a later variant re-uses."""
+    resolved = load_recipe(recipe, overrides)
+    return {stage.name: key for stage, key, _ in stage_states(resolved, get_method(resolved.method).stages, {})}

@@ -21,7 +21,9 @@ perplexity, and with ``scoring.reward_model`` the answers' mean reward. Mean and
 differences (per seed) of the mean accuracy for the papers' ordering WRPO > SFT + DPO > SFT > target, called real
 only beyond 2 standard deviations. The variants that share samples and SFT run in one folder, one after another
 (`fusechat3` and `wrpo` accept another loss or alpha in the same folder and re-run only what depends on it). Runs live
-in ``runs/fusechat3-table/``; the table and plot go to ``docs/results/`` (``fusechat3-table.md``, ``.json``, ``.png``).
+in ``runs/fusechat3-table/`` (a finished variant is kept as ``s<seed>/<variant>.json`` and reused, or refused with exit
+2 if saved under other settings); the table and plot go to ``docs/results/`` (``fusechat3-table.md``, ``.json``,
+``.png``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from fusion.config import to_dict
 from fusion.errors import FusionError
+from fusion.experiments.finished import stage_keys
 from fusion.experiments.fusechat_table import OVERALL, score, summarise
 from fusion.recipe import load_recipe
 from fusion.report import plot_accuracy, write_table
@@ -48,14 +51,20 @@ ORDERING = (("+ wrpo", "+ dpo"), ("+ dpo", "sft"), ("sft", "target"), ("+ wrpo",
 
 def fit(recipe: str, out: Path, overrides: list[str], save_as: Path) -> dict:
     """Run (or resume) ``recipe`` in ``out`` and keep its results.json, with what its training saw, as ``save_as``
-    (the next variant in the same folder rewrites both); a saved file means the variant is done."""
+    (the next variant in the same folder rewrites both); a saved file means the variant is done, if it was saved
+    under the settings this command gives it (its stage keys; files saved before they were kept are taken as is)."""
+    keys = stage_keys(recipe, [f"output_dir={out}", *overrides])
     if save_as.is_file():
-        return json.loads(save_as.read_text())
+        saved = json.loads(save_as.read_text())
+        if saved.get("stage_keys", keys) != keys:
+            raise FusionError(f"{save_as} holds a variant made with other settings than this command's; pass --runs "
+                              f"with a new folder for these settings, or delete {save_as} to train it again")
+        return saved
     args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"output_dir={out}", *overrides]
     print(f"[table] {' '.join(args[3:])}", flush=True)
     if subprocess.run(args).returncode != 0:
         raise FusionError(f"{out} failed; see the output above, then re-run to resume it")
-    results = {**json.loads((out / "results.json").read_text()), "training": training_seen(out)}
+    results = {**json.loads((out / "results.json").read_text()), "training": training_seen(out), "stage_keys": keys}
     save_as.write_text(json.dumps(results, indent=1))
     return results
 

@@ -115,16 +115,22 @@ def rate_override(name: str) -> list[str]:
     return [f"optim.lr={load_recipe('clm.yaml').optim.lr}"] if name == "clm-chunks" else []
 
 
+def variant_command(name: str, seed: int, runs: Path) -> tuple[str, list[str]]:
+    """The recipe and the overrides ``python -m fusion.fit`` is given for one variant at one seed."""
+    recipe, overrides = VARIANTS[name]
+    teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
+    return recipe, [f"name=fusellm-table-{name}", f"output_dir={runs / f'{name}-s{seed}'}", f"seed={seed}", *teachers,
+                    *rate_override(name), *_extra, *overrides]  # the variant has the last word
+
+
 def run_variant(name: str, seed: int, runs: Path) -> dict:
     """Train (or find) one variant at one seed with ``python -m fusion.fit``; its before/after perplexities."""
-    recipe, overrides = VARIANTS[name]
     out = runs / f"{name}-s{seed}"
-    teachers = [] if recipe == "clm.yaml" or any(o.startswith("teachers=") for o in overrides) else [f"teachers={ALL}"]
-    args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, f"name=fusellm-table-{name}", f"output_dir={out}",
-            f"seed={seed}", *teachers, *rate_override(name), *_extra, *overrides]  # the variant has the last word
+    recipe, overrides = variant_command(name, seed, runs)
     if (out / "stages" / "evaluate.json").exists():
-        check_same_settings(out, recipe, args[5:])
+        check_same_settings(out, recipe, overrides)
     else:
+        args = [sys.executable, "-m", "fusion.fit", "--recipe", recipe, *overrides]
         print(f"[table] training {name}, seed {seed}: {' '.join(args[3:])}", flush=True)
         if subprocess.run(args).returncode != 0:
             raise FusionError(f"variant {name} (seed {seed}) failed; see the output above, then re-run to resume it")

@@ -14,9 +14,8 @@ def check_same_settings(out: Path, recipe: str, overrides: list[str]) -> None:
     """Refuse to reuse the finished run in ``out`` unless ``python -m fusion.fit --recipe RECIPE OVERRIDES`` would
     run none of its stages again (each recorded with the key this recipe gives); otherwise a table re-run with,
     say, ``trainer.batch_size=16`` on a folder of batch-8 runs would report the old runs under the new command."""
-    resolved = load_recipe(recipe, overrides)
-    stale = [stage.name for stage, _, state in stage_states(resolved, get_method(resolved.method).stages,
-                                                             read_records(out)) if state != "done"]
+    records = read_records(out)
+    stale = [name for name, key in stage_keys(recipe, overrides).items() if records.get(name, {}).get("key") != key]
     if stale:
         raise FusionError(f"{out} holds a finished run made with other settings than this command's (its stages "
                           f"{', '.join(stale)} differ); pass --runs with a new folder for these settings, or "

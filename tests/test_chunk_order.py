@@ -11,8 +11,8 @@ import numpy as np
 from conftest import fusellm_overrides
 
 from fusion.data.chunks import make_rows, row_ids, sequence_ids, usable_rows
-from fusion.data.fused import epoch_order
 from fusion.data.prepare import prepare_chunks
+from fusion.data.rows import epoch_order
 from fusion.data.text import document_splits, load_tokenizer, pack
 from fusion.recipe import load_recipe
 from fusion.zoo import resolve_model
@@ -47,13 +47,14 @@ def test_rows_are_packed_like_clm_blocks_and_the_used_ones_sample_the_corpus(zoo
     assert [len(ids) for ids in chunks["input_ids"][:20]] == [
         len(s) for s in sequence_ids(tok, chunks["text"][:20], chunks["ends_document"][:20])]
 
-    # The used rows come from all over the corpus; so does every window the loader shuffles within: here one
-    # window of 4 shards of 16 chunks each.
+    # The used rows come from all over the corpus, and the first epoch reads them as numbered; so does every window
+    # that later epochs shuffle within: here one window of 4 shards of 16 chunks each.
     rows = usable_rows(chunks, USED)
     used = position[numbers[rows[:, 0]]]
     assert rows[-1].sum() <= USED and len(rows) >= USED * 0.8
     assert used.max() - used.min() > 0.8 * len(in_order)
-    window = epoch_order(rows[:, 0], 16, recipe.seed, 0)[:48]
+    assert (epoch_order(rows[:, 0], 16, recipe.seed, 0) == rows[:, 0]).all()
+    window = epoch_order(rows[:, 0], 16, recipe.seed, 1)[:48]
     assert position[numbers[window]].max() - position[numbers[window]].min() > 0.8 * len(in_order)
 
 

@@ -1,16 +1,10 @@
 """`FusionDataModule`: target tokens with every teacher's aligned, sparse next-token distribution.
 
-Training batches come from an `IterableDataset` over the rows of the chunk set (`fusion.data.chunks`)
-that reads the teachers' shards (`fusion.data.store`) and alignments (`fusion.data.align_shards`) and
-yields whole collated batches. A row is its chunks' target sequences one after another, each without its
-start token where the chunk does not start a document: clm.yaml's packed layout. Each chunk's positions
-get its teachers' aligned predictions; the position before a chunk that starts a document (an EOS
-predicting the next BOS) gets the gold one-hot, as a fallback.
+Training batches are `fusion.data.rows.RowBatches`' batches of the chunk set's rows, in the order every
+method shares, with each chunk's positions given its teachers' aligned predictions; the position before a
+chunk that starts a document (an EOS predicting the next BOS) gets the gold one-hot, as a fallback. Besides
+the rows' ``input_ids``, ``attention_mask``, ``labels`` and ``chunk_ids``:
 
-    input_ids        [B, L]        target tokens (padded with the pad id)
-    attention_mask   [B, L]
-    labels           [B, L]        input_ids, -100 on padding (conversations: their labels, -100 but on the
-                                   assistant's tokens; `fusion.data.chat_chunks`)
     teacher_ids      [B, T, L, k]  teacher t's candidates for the token after position l, in target ids
     teacher_logprobs [B, T, L, k]  their log-probs (-inf for dropped / pooled entries; a one-hot 0 where
                                    the alignment fell back to the gold token)
@@ -22,17 +16,9 @@ predicting the next BOS) gets the gold one-hot, as a fallback.
                                    probability below 1e-4 (or none: not a candidate) counted as 1e-4;
                                    0 where it fell back (fusion's span and token levels skip those)
     teacher_fallback [B, T, L]     bool: no aligned teacher prediction at l
-    chunk_ids        [B]           the first chunk id of each row
 
-T is the number of teachers, k their top-k: nothing is ever `[B, L, V]`.
-
-Order: an epoch is a seeded two-level shuffle (shards in random order, rows shuffled within
-windows of a few shards, so a worker reads each shard once), cut into global batches of
-``batch_size * world_size``; rank r takes its slice of every global batch, and DataLoader worker w
-the batches ``b`` with ``(b - start) % workers == w`` (PyTorch returns worker results round-robin,
-so the stream is in batch order). The position (epoch, batches consumed) is saved in checkpoints:
-a resumed run continues at the next batch, no sample seen twice, none skipped. Rows holding a chunk
-on which any teacher produced NaN/inf are left out.
+T is the number of teachers, k their top-k: nothing is ever `[B, L, V]`. Rows holding a chunk on which any
+teacher produced NaN/inf are left out.
 
 Memory: shards are memory-mapped and only the rows of a batch's chunks are copied out, so a worker's
 private memory is the batches it collates; `loader_memory` estimates it, and the shared page cache,
@@ -44,45 +30,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.config import Recipe
 from fusion.data.align_shards import read_alignment
 from fusion.data.alignment import aligned_distribution, gold_one_hot, gold_probability
-from fusion.data.chunks import load_chunk_set, usable_rows
+from fusion.data.chunks import usable_rows
 from fusion.data.prepare import PreparedTeacher
-from fusion.data.sampling import placement
+from fusion.data.rows import WINDOW, RowBatches, RowDataModule
 from fusion.data.store import bytes_per_token
 from fusion.data.text import TextDataModule
-from fusion.errors import FusionError
-from fusion.interrupt import ignore_signals
 
-_WINDOW = 4  # shards whose chunks are shuffled together
 _PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
 _ALIGNMENT_BYTES = 4  # per target token and teacher: the int32 src of `fusion.data.align_shards`
-
-
-def epoch_order(chunk_ids: np.ndarray, chunks_per_shard: int, seed: int, epoch: int) -> np.ndarray:
-    """The chunk ids (of the rows' first chunks) of one epoch: shards shuffled, ids shuffled within windows
-    of `_WINDOW` shards."""
-    rng = np.random.default_rng([seed, epoch])
-    shards = np.unique(chunk_ids // chunks_per_shard)
-    rng.shuffle(shards)
-    order = []
-    for start in range(0, len(shards), _WINDOW):
-        window = chunk_ids[np.isin(chunk_ids // chunks_per_shard, shards[start:start + _WINDOW])]
-        order.append(rng.permutation(window))
-    return np.concatenate(order) if order else chunk_ids[:0]
-
-
-def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """This rank's batches: its slice of each full global batch (a last partial global batch is dropped)."""
-    global_size = batch_size * world_size
-    n = len(order) // global_size
-    return [order[b * global_size + rank * batch_size:b * global_size + (rank + 1) * batch_size] for b in range(n)]
 
 
 _MISS_PROB = 1e-4  # a gold token the teacher's candidates miss: ~9.2 nats, like a top-k miss in the benchmark
@@ -105,36 +66,16 @@ def trained_cross_entropy(token_ce: np.ndarray, fallback: np.ndarray, labels: np
     return float(token_ce[scored].mean()) if scored.any() else float(-np.log(_MISS_PROB))
 
 
-class FusedBatches(IterableDataset):
-    """Yields collated batches (see the module docstring) for one rank, from batch ``start`` of ``epoch``."""
+class FusedBatches(RowBatches):
+    """`RowBatches` with every teacher's aligned predictions (module docstring)."""
 
     def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], rows: np.ndarray, batch_size: int,
                  seed: int, rank: int, world_size: int, keep_exact_only: bool, pad_id: int) -> None:
-        """``rows``: ``[R, 2]`` first chunk id and number of chunks of each row to train on (`usable_rows`)."""
-        self.chunk_folder, self.teachers, self.rows = chunk_folder, teachers, rows
-        self.row_size = dict(zip(rows[:, 0].tolist(), rows[:, 1].tolist()))
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.keep_exact_only, self.pad_id = keep_exact_only, pad_id
-        self.chunks_per_shard = teachers[0].store.chunks_per_shard
-        self.epoch, self.start = 0, 0
-        self._chunks = None
+        super().__init__(chunk_folder, rows, batch_size, seed, rank, world_size, pad_id,
+                         teachers[0].store.chunks_per_shard)
+        self.teachers, self.keep_exact_only = teachers, keep_exact_only
         self._cache: dict = {}
 
-    def batches(self) -> list[np.ndarray]:
-        order = epoch_order(self.rows[:, 0], self.chunks_per_shard, self.seed, self.epoch)
-        return rank_batches(order, self.batch_size, self.rank, self.world_size)
-
-    def __len__(self) -> int:
-        return len(self.rows) // (self.batch_size * self.world_size)
-
-    def __iter__(self):
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        batches = self.batches()
-        for b in range(self.start + worker, len(batches), workers):
-            yield self.collate(batches[b])
-
-    # -- reading ---------------------------------------------------------------------------------
     def verify(self) -> None:
         """Check the sha256 of every shard this dataset reads, once per process (`TeacherStore.verify_shard`).
 
@@ -150,13 +91,13 @@ class FusedBatches(IterableDataset):
                 teacher.store.verify_shard(shard)
 
     def _shard(self, t: int, shard: int):
-        """Teacher t's shard and alignment, memory-mapped; the last `_WINDOW` of each teacher stay mapped (an
+        """Teacher t's shard and alignment, memory-mapped; the last `WINDOW` of each teacher stay mapped (an
         epoch visits a window's shards in mixed order, then moves on). Mapped pages are page cache, shared
         by the workers and ranks, not this process's private memory (`loader_memory`)."""
         key = (t, shard)
         if key not in self._cache:
             mine = [k for k in self._cache if k[0] == t]
-            if len(mine) >= _WINDOW:
+            if len(mine) >= WINDOW:
                 del self._cache[mine[0]]  # dicts keep insertion order: the oldest
             teacher = self.teachers[t]
             self._cache[key] = (teacher.store.read_shard(shard), read_alignment(teacher.alignment, shard))
@@ -165,15 +106,11 @@ class FusedBatches(IterableDataset):
     def example(self, first: int) -> dict:
         """One row, from chunk ``first`` on (module docstring): its target ids and, per teacher, the aligned
         distribution and CEs."""
-        if self._chunks is None:
-            self._chunks, _ = load_chunk_set(self.chunk_folder)
         n_teachers = len(self.teachers)
         parts, labels, per_teacher = [], [], [[] for _ in range(n_teachers)]
         nll, predictions = np.zeros(n_teachers), np.zeros(n_teachers)  # the teachers' summed CE and its positions
-        for chunk_id in range(first, first + self.row_size[first]):
-            chunk = self._chunks[chunk_id]
+        for chunk_id, chunk, skip in self.chunks(first):
             target = np.asarray(chunk["input_ids"], dtype=np.int64)
-            skip = 0 if chunk["starts_document"] else 1  # mid-document: no start token, as in a packed block
             shard, i = divmod(chunk_id, self.chunks_per_shard)
             for t, teacher in enumerate(self.teachers):
                 data, (src, offsets, read) = self._shard(t, shard)
@@ -192,8 +129,9 @@ class FusedBatches(IterableDataset):
                 per_teacher[t].append((ids[skip:], logprobs[skip:], fallback[skip:], token_ce[skip:]))
                 nll[t] += row["chunk_ce"] * (len(row["tokens"]) - 1)
                 predictions[t] += len(row["tokens"]) - 1
-            parts.append(target[skip:])
-            labels.append(np.asarray(chunk["labels"], dtype=np.int64)[skip:] if "labels" in chunk else target[skip:])
+            row_ids, row_labels = self.tokens(chunk, skip)
+            parts.append(row_ids)
+            labels.append(row_labels)
         target, labels = np.concatenate(parts), np.concatenate(labels)
         teachers = [(*(np.concatenate(arrays) for arrays in zip(*pieces)), nll[t] / max(predictions[t], 1),
                      nll[t] / max(len(target) - 1, 1)) for t, pieces in enumerate(per_teacher)]
@@ -204,14 +142,11 @@ class FusedBatches(IterableDataset):
         return {"input_ids": target, "labels": labels, "teachers": teachers}
 
     def collate(self, firsts: np.ndarray) -> dict:
-        """The rows starting at chunks ``firsts``, collated."""
+        """The rows starting at chunks ``firsts``, collated, with their teachers' predictions."""
         examples = [self.example(int(c)) for c in firsts]
-        b, t = len(examples), len(self.teachers)
-        length = max(len(e["input_ids"]) for e in examples)
+        arrays = self.padded(firsts, examples)
+        b, t, length = len(examples), len(self.teachers), arrays["input_ids"].shape[1]
         k = examples[0]["teachers"][0][0].shape[1]
-        input_ids = np.full((b, length), self.pad_id, dtype=np.int64)
-        labels = np.full((b, length), -100, dtype=np.int64)
-        mask = np.zeros((b, length), dtype=np.int64)
         t_ids = np.zeros((b, t, length, k), dtype=np.int64)
         t_lp = np.full((b, t, length, k), -np.inf, dtype=np.float32)
         t_lp[..., 0] = 0.0  # positions without a prediction: a one-hot (on id 0), masked by the labels
@@ -221,49 +156,14 @@ class FusedBatches(IterableDataset):
         t_fallback = np.ones((b, t, length), dtype=bool)
         for n, e in enumerate(examples):
             size = len(e["input_ids"])
-            input_ids[n, :size], labels[n, :size] = e["input_ids"], e["labels"]
-            mask[n, :size] = 1
             for j, (ids, lp, fallback, token_ce, ce, ce_target) in enumerate(e["teachers"]):
                 t_ids[n, j, :size - 1], t_lp[n, j, :size - 1] = ids, lp
                 t_fallback[n, j, :size - 1], t_token_ce[n, j, :size - 1] = fallback, token_ce
                 t_ce[n, j], t_ce_target[n, j] = ce, ce_target
-        arrays = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "teacher_ids": t_ids,
-                  "teacher_logprobs": t_lp, "teacher_ce": t_ce, "teacher_ce_per_target_token": t_ce_target,
-                  "teacher_token_ce": t_token_ce,
-                  "teacher_fallback": t_fallback, "chunk_ids": np.asarray(firsts, dtype=np.int64)}
+        arrays.update({"teacher_ids": t_ids, "teacher_logprobs": t_lp, "teacher_ce": t_ce,
+                       "teacher_ce_per_target_token": t_ce_target, "teacher_token_ce": t_token_ce,
+                       "teacher_fallback": t_fallback})
         return {key: torch.from_numpy(value) for key, value in arrays.items()}
-
-
-class FusedLoader(DataLoader):
-    """A DataLoader over `FusedBatches` whose position Lightning checkpoints (see `ConsumedBatches`)."""
-
-    def __init__(self, dataset: FusedBatches, num_workers: int = 0) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_signals)
-        self.consumed = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        if self.consumed >= len(self):  # the previous epoch ran to its end: start the next one
-            self.dataset.epoch, self.consumed = self.dataset.epoch + 1, 0
-        self.dataset.start = self.consumed  # read by the workers, created by this call
-        self.dataset.verify()  # here, before the workers fork, so that none of them hashes the shards again
-        return super().__iter__()
-
-    def batch_consumed(self) -> None:
-        self.consumed += 1
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.dataset.epoch, "consumed": self.consumed, "seed": self.dataset.seed,
-                "batches": len(self)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.dataset.seed or state.get("batches") != len(self):
-            raise FusionError(f"the checkpoint's data order (seed {state.get('seed')}, {state.get('batches')} batches "
-                              f"per epoch) differs from this run's (seed {self.dataset.seed}, {len(self)}); resume "
-                              "with the same recipe")
-        self.dataset.epoch, self.consumed = state["epoch"], state["consumed"]
 
 
 @dataclass
@@ -304,7 +204,7 @@ def loader_memory(recipe: Recipe) -> LoaderMemory:
     """The host memory one rank's training loader holds, from the recipe's settings alone (no file is read).
 
     Every reading process (each of ``data.num_workers`` DataLoader workers, or the main process
-    without workers) keeps the last `_WINDOW` shards of each teacher mapped with their alignment
+    without workers) keeps the last `WINDOW` shards of each teacher mapped with their alignment
     files. A shard is ``representations.chunks_per_shard`` chunks of at most ``data.block_size``
     tokens, at the store format's bytes per token (`fusion.data.store.bytes_per_token`, 2-byte ids:
     44 at k = 10; 3-byte ids above a 65,536 vocabulary add 27 %) plus 4 bytes of alignment per target
@@ -327,7 +227,7 @@ def loader_memory(recipe: Recipe) -> LoaderMemory:
              + (8 + 4) * b * teachers * length * k  # teacher_ids int64, teacher_logprobs float32 [B, T, L, k]
              + (4 + 1) * b * teachers * length  # teacher_token_ce float32, teacher_fallback bool [B, T, L]
              + 2 * 4 * b * teachers + 8 * b)  # teacher_ce, teacher_ce_per_target_token [B, T]; chunk_ids [B]
-    return LoaderMemory(workers=d.num_workers, shards=_WINDOW, teachers=teachers,
+    return LoaderMemory(workers=d.num_workers, shards=WINDOW, teachers=teachers,
                         shard_bytes=r.chunks_per_shard * length * (bytes_per_token(k) + _ALIGNMENT_BYTES),
                         batch_bytes=batch, batches=_PREFETCH * d.num_workers or 1)
 
@@ -340,41 +240,15 @@ def _size(n: float) -> str:
     return f"{n:.3g} TB"
 
 
-class FusionDataModule(pl.LightningDataModule):
+class FusionDataModule(RowDataModule):
     """Fused training batches (`FusedBatches`) and the target's held-out validation sets (`TextDataModule`)."""
 
     def __init__(self, chunk_folder: Path, teachers: list[PreparedTeacher], n_chunks: int, bad_chunks: set[int],
                  validation: TextDataModule, batch_size: int, seed: int, keep_exact_only: bool, pad_id: int,
                  num_workers: int = 0) -> None:
-        super().__init__()
-        self.chunk_folder, self.teachers, self.validation = chunk_folder, teachers, validation
-        self.rows, self.n_chunks = usable_rows(chunk_folder, n_chunks, bad_chunks), n_chunks
-        self.batch_size, self.seed, self.keep_exact_only, self.pad_id = batch_size, seed, keep_exact_only, pad_id
-        self.num_workers = num_workers
-        self._train: FusedLoader | None = None
+        def batches(rank: int, world_size: int) -> FusedBatches:
+            return FusedBatches(chunk_folder, teachers, self.rows, batch_size, seed, rank, world_size,
+                                keep_exact_only, pad_id)
 
-    def prepare_data(self) -> None:
-        self.validation.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.validation.setup(stage)
-
-    @property
-    def validation_names(self) -> list[str]:
-        return self.validation.validation_names
-
-    def train_dataloader(self) -> FusedLoader:
-        rank, world_size = placement(self.trainer)
-        if len(self.rows) < self.batch_size * world_size:
-            raise FusionError(f"the first {self.n_chunks} chunks hold {len(self.rows)} usable rows, which cannot fill "
-                              f"one batch of trainer.batch_size={self.batch_size} on {world_size} devices; raise "
-                              "representations.max_chunks")
-        if self._train is None:  # one loader per run, so its position survives Lightning's reloads
-            dataset = FusedBatches(self.chunk_folder, self.teachers, self.rows, self.batch_size, self.seed, rank,
-                                   world_size, self.keep_exact_only, self.pad_id)
-            self._train = FusedLoader(dataset, num_workers=self.num_workers)
-        return self._train
-
-    def val_dataloader(self):
-        self.validation.trainer = self.trainer
-        return self.validation.val_dataloader()
+        super().__init__(chunk_folder, usable_rows(chunk_folder, n_chunks, bad_chunks), validation, batch_size, batches,
+                         f"the first {n_chunks} chunks hold too few: raise representations.max_chunks", num_workers)

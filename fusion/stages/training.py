@@ -53,6 +53,7 @@ class Baseline(Stage):
 class Train(Stage):
     name = "train"
     config = TRAINING
+    version = 2  # 2: rows in the order every method shares (`fusion.data.rows`); clm trains on the chunk set's rows
     outputs = ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "metrics.jsonl", "wandb/")
     summary = "Lightning fit, resumable at the exact batch from its last checkpoint"
 

@@ -59,6 +59,7 @@ def tiny_overrides(out: Path, zoo_dir: Path, cache_dir: Path, **changes) -> list
     """`dotted.key=value` overrides that make a shipped recipe run in seconds on the small zoo, writing to `out`."""
     values = {
         "output_dir": str(out), "zoo.size": "small", "zoo.dir": str(zoo_dir), "data.cache_dir": str(cache_dir),
+        "representations.dir": str(cache_dir / "representations"),  # the chunk set clm trains on, too
         "data.block_size": 128, "data.max_validation_blocks": 8, "trainer.batch_size": 8, "optim.lr": 1e-3,
         "trainer.max_steps": 40, "trainer.val_every_n_steps": 20, "trainer.log_every_n_steps": 1,
         "trainer.checkpoint_every_n_steps": 10, "trainer.accelerator": "cpu", "wandb.mode": "offline",

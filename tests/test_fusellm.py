@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fusellm_overrides, run_fit
+from conftest import ROOT, fusellm_overrides, run_fit, tiny_overrides
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fusion.data.chunks import load_chunk_set, row_ids, usable_rows
 from fusion.data.fused import FusedBatches
-from fusion.data.prepare import align_teachers
-from fusion.data.rows import RowBatches
+from fusion.data.prepare import align_teachers, prepare_chunks
+from fusion.data.rows import RowBatches, all_rows
 from fusion.data.text import load_tokenizer
 from fusion.loggers import read_metrics
 from fusion.recipe import load_recipe
@@ -59,6 +59,33 @@ def test_fusellm_runs_every_stage_and_reports(fusellm_run, zoo_dir):
     losses = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
               for m in (before, model)]
     assert losses[1] < losses[0] - 0.1
+
+
+def test_clm_on_the_same_seed_trains_on_the_fusion_runs_batches_first(fusellm_run, zoo_dir, cache_dir, tmp_path):
+    """clm.yaml and fusellm.yaml differ in their teachers, not their data: the same rows in the same batches until the
+    fusion run's rows are used up (`fusion.data.rows`)."""
+    out, overrides, _ = fusellm_run
+    recipe = load_recipe("fusellm.yaml", overrides)
+    reps = json.loads((out / "stages" / "representations.json").read_text())["result"]
+    folder = Path(reps["chunks"])
+    clm = load_recipe("clm.yaml", tiny_overrides(tmp_path, zoo_dir, cache_dir, **{
+        "data.block_size": recipe.data.block_size, "trainer.batch_size": recipe.trainer.batch_size}))
+    tok = load_tokenizer(resolve_model("zoo:target", "small", zoo_dir))
+    assert prepare_chunks(clm, tok)[0] == folder  # the same chunk set
+    teachers, _ = align_teachers(recipe, "prefix", folder, reps["chunk_info"])
+    fused = FusedBatches(folder, teachers, usable_rows(folder, reps["used_chunks"]), recipe.trainer.batch_size,
+                         recipe.seed, 0, 1, False, tok.pad_token_id)
+    plain = RowBatches(folder, all_rows(folder), clm.trainer.batch_size, clm.seed, 0, 1, tok.pad_token_id,
+                       clm.representations.chunks_per_shard)
+    assert len(plain) > 2 * len(fused) > 0
+    for epoch in (0, 1):
+        fused.epoch = plain.epoch = epoch
+        same = [(a == b).all() for a, b in zip(fused.batches(), plain.batches())]
+        assert all(same) if epoch == 0 else not all(same)  # later epochs shuffle each one's own rows
+    fused.epoch = plain.epoch = 0
+    for b in fused.batches()[:2]:
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(fused.collate(b)[key], plain.collate(b)[key])
 
 
 def test_training_rows_are_clms_layout_with_each_chunks_teacher_predictions(fusellm_run):

@@ -51,7 +51,7 @@ def test_datamodule_caches_blocks_by_content(tmp_path, tokenizer_path):
     module.prepare_data()
     module.setup()
     assert module.validation_names == ["all"]
-    batch = next(iter(module.train_dataloader()))
+    batch = next(iter(module.val_dataloader()[0]))
     assert batch["input_ids"].shape == (2, 16)
     other = TextDataModule(DataConfig(**{**config.__dict__, "block_size": 8}), tokenizer_path, batch_size=2)
     assert other.cache_path() != module.cache_path()
@@ -79,7 +79,7 @@ while len(list(ready.iterdir())) < 2:
     time.sleep(0.01)
 module.prepare_data()
 module.setup()
-print(len(module.train_set), module.validation_names)
+print(len(module.validation_sets["all"]), module.validation_names)
 """
 
 
@@ -94,7 +94,7 @@ def test_two_processes_preparing_the_same_blocks_at_once_build_them_once(tmp_pat
              for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
-    assert len(set(log.read_text().split())) == 1  # one process packed (train and validation), the other waited
+    assert len(set(log.read_text().split())) == 1  # one process packed, the other waited
     assert results[0][0] == results[1][0] and results[0][0].split()[-1] == "['all']"
     cache = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     assert len(cache) == 1 and cache[0].startswith("blocks-")  # no temporary folder left

@@ -1,6 +1,7 @@
-"""Plain text → packed token blocks, for causal-LM training and validation.
+"""Plain text: the sources, their splits, and the held-out documents as packed token blocks for validation.
 
-Documents are tokenized (BOS as the tokenizer adds it), each ended with EOS, concatenated and
+Training reads the chunk set's rows (`fusion.data.chunks`, laid out like these blocks; `fusion.data.rows`).
+Held-out documents are tokenized (BOS as the tokenizer adds it), each ended with EOS, concatenated and
 cut into blocks of `block_size` tokens. The blocks are cached on disk, keyed by everything that
 changes them (the source's content, tokenizer, block size, splits) and built by one process while the others
 wait (`fusion.data.cache.build_once`), so every run and every rank after the first reads them with
@@ -28,7 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from fusion.config import DataConfig
 from fusion.data.cache import build_once, cache_root, file_sha256, sha256_file
 from fusion.data.corpus import embedded_corpus
-from fusion.data.sampling import ResumableLoader, train_loader, validation_loaders
+from fusion.data.sampling import validation_loaders
 from fusion.errors import FusionError, first_line
 
 # Bump when the packing below changes, so stale caches are not reused.
@@ -256,10 +257,11 @@ def pack(documents: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, text_f
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Packed blocks of text for causal-LM training, with one or more named validation sets.
+    """The held-out text as packed blocks: one or more named validation sets.
 
     Batches are `{"input_ids": LongTensor[batch_size, block_size]}`; the model predicts every
-    token from the ones before it. The training loader is resumable mid-epoch.
+    token from the ones before it. Training data comes from `fusion.data.rows.RowDataModule`, which
+    validates with this module.
     """
 
     def __init__(self, config: DataConfig, tokenizer_path: str, batch_size: int, seed: int = 42,
@@ -267,8 +269,7 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         self.config, self.tokenizer_path, self.batch_size, self.seed = config, tokenizer_path, batch_size, seed
         self.trust_remote_code = trust_remote_code
-        self.train_set: datasets.Dataset | None = None
-        self.validation_sets: dict[str, datasets.Dataset] = {}
+        self.validation_sets: dict[str, datasets.Dataset] | None = None
 
     def cache_path(self) -> Path:
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
@@ -290,13 +291,13 @@ class TextDataModule(pl.LightningDataModule):
         build_once(self.cache_path(), lambda folder: (folder / "done").exists(), self._pack_into)
 
     def _pack_into(self, folder: Path) -> None:
-        """Pack every split into the empty ``folder``; ``done`` is written last."""
+        """Pack every validation set into the empty ``folder``; ``done`` is written last."""
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
-        train, validation = document_splits(self.config, self.seed)
-        for name, docs in {"train": train, **validation}.items():
+        _, validation = document_splits(self.config, self.seed)
+        for name, docs in validation.items():
             if self.config.text_field not in docs.column_names:
                 raise FusionError(f"data.text_field {self.config.text_field!r} is not a column of the {name} split")
-        for name, docs in {"train": train, **{f"validation-{k}": v for k, v in validation.items()}}.items():
+        for name, docs in {f"validation-{k}": v for k, v in validation.items()}.items():
             blocks = pack(docs, tokenizer, self.config.text_field, self.config.block_size,
                           self.config.preprocessing_workers)
             if len(blocks) == 0:
@@ -306,11 +307,11 @@ class TextDataModule(pl.LightningDataModule):
         (folder / "done").write_text(json.dumps({"validation_sets": list(validation)}))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.validation_sets is not None:
             return
         target = self.cache_path()
         names = json.loads((target / "done").read_text())["validation_sets"]
-        self.train_set = datasets.load_from_disk(str(target / "train")).with_format("torch")
+        self.validation_sets = {}
         for name in names:
             blocks = datasets.load_from_disk(str(target / f"validation-{name}"))
             if self.config.max_validation_blocks is not None:
@@ -319,10 +320,7 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def validation_names(self) -> list[str]:
-        return list(self.validation_sets)
-
-    def train_dataloader(self) -> ResumableLoader:
-        return train_loader(self.train_set, self.batch_size, self.seed, self.trainer, self.config.num_workers, "blocks")
+        return list(self.validation_sets or {})
 
     def val_dataloader(self) -> list[DataLoader]:
         return validation_loaders(list(self.validation_sets.values()), self.batch_size, self.trainer,

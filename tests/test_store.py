@@ -124,7 +124,7 @@ def test_loader_workers_inherit_the_checks_instead_of_hashing_every_shard_again(
     rows = np.stack([np.arange(store.n_chunks), np.ones(store.n_chunks, dtype=np.int64)], axis=1)  # a chunk each
     dataset = FusedBatches(tmp_path, [SimpleNamespace(store=store)], rows, batch_size=1,
                            seed=0, rank=0, world_size=1, keep_exact_only=False, pad_id=0)
-    dataset.verify()  # what FusedLoader does in the main process before its workers start
+    dataset.verify()  # what RowLoader does in the main process before its workers start
     assert sorted(hashed) == [store.shard_file(0), store.shard_file(1)]
     context = multiprocessing.get_context("fork")  # how DataLoader starts its workers on Linux
     results = context.Queue()

@@ -1,36 +1,34 @@
 """Training rows and their chunks: what the target trains on and every teacher reads, cut independently of the teachers.
 
-The training documents become **rows** laid out exactly as clm.yaml packs its blocks
-(`fusion.data.text.pack`): documents one after another, each ``[start] + tokens + [eos]``, at most
-``block_size`` target tokens per row, a document that does not fit going on at the start of the next row
-without a start token (as in a packed block, whose first token is mid-document). A row is made of
-**chunks**, one per piece of a document in it, and a chunk is what the teachers and the alignment see:
-plain text, so every tokenizer reads exactly the same characters and teachers can be added later without
-re-cutting anything (FuseLLM cut by the longest tokenization over all models, so adding a model meant
-starting over). Every model reads a chunk as one sequence ``[start] + text tokens + [eos if it ends a
-document]`` (the stored ``input_ids`` are the target's), teachers always with their start token: a model
-reading mid-document text without one predicts worse. Training concatenates a row's chunks in the target's
-layout, dropping the start token of a chunk that does not start a document (`fusion.data.fused`).
+The training documents become **rows**, what every method trains on (clm too), laid out exactly as the held-out text
+is packed into blocks (`fusion.data.text.pack`): documents one after another, each ``[start] + tokens + [eos]``, at
+most ``block_size`` target tokens per row, a document that does not fit going on at the start of the next row
+without a start token (as in a packed block, whose first token is mid-document). A row is made of **chunks**, one
+per piece of a document in it, and a chunk is what the teachers and the alignment see: plain text, so every
+tokenizer reads exactly the same characters and teachers can be added later without re-cutting anything (FuseLLM cut
+by the longest tokenization over all models, so adding a model meant starting over). Every model reads a chunk as
+one sequence ``[start] + text tokens + [eos if it ends a document]`` (the stored ``input_ids`` are the target's),
+teachers always with their start token: a model reading mid-document text without one predicts worse. Training
+concatenates a row's chunks in the target's layout, dropping the start token of a chunk that does not start a
+document (`fusion.data.rows`).
 
-Why rows and not one chunk per sequence (chunking v2, measured with `fusion.experiments.fusellm_table`, 3
-seeds): CLM on v2's chunks ended +2.0 ± 0.4 % in held-out perplexity against clm.yaml at the same steps.
-Two causes, both measured: (1) every chunk began with a start token, also mid-document, so the target
-learned to lean on one at position 0, which the packed validation blocks rarely have (scoring the v2
-model's validation blocks with a start token prepended took its code gap from 3.1 % to 1.2 %, a one-off
-diagnostic at seed 0); (2) a chunk held only one piece of a document (short ones joined by a blank line
-instead of EOS and BOS), 247 target tokens on average against 256: 3.5 % fewer tokens per step (clm.yaml
-with trainer.max_steps=290, 3.3 % fewer, ends +0.9 % on seeds 0-2). On rows: +0.0 ± 1.3 % over seeds 0-5,
-equal within noise.
+Why rows and not one chunk per sequence (chunking v2, measured with `fusion.experiments.fusellm_table`, 3 seeds):
+CLM on v2's chunks ended +2.0 ± 0.4 % in held-out perplexity against clm.yaml at the same steps. Two causes, both
+measured: (1) every chunk began with a start token, also mid-document, so the target learned to lean on one at
+position 0, which the packed validation blocks rarely have (scoring the v2 model's validation blocks with a start
+token prepended took its code gap from 3.1 % to 1.2 %, a one-off diagnostic at seed 0); (2) a chunk held only one
+piece of a document (short ones joined by a blank line instead of EOS and BOS), 247 target tokens on average against
+256: 3.5 % fewer tokens per step (clm.yaml with trainer.max_steps=290, 3.3 % fewer, ends +0.9 % on seeds 0-2). On
+rows: +0.0 ± 1.3 % over seeds 0-5, equal within noise.
 
-Rows are numbered in a seeded random order and chunk ids are consecutive within a row, in row order: ids
-are stable for a given corpus, target tokenizer, block size and seed, which the ``fingerprint`` covers.
-Teachers are run on the first ``representations.max_chunks`` ids (a row cut off there is not used), shards
-hold consecutive ids and the training loader shuffles rows within windows of a few shards
-(`fusion.data.fused.epoch_order`); with rows in random order, the rows used are a uniform sample of the
-whole corpus and every window mixes all of it, as clm's uniform shuffle of packed blocks does (in corpus
-order, chunking v1, the 2,560 chunks of the embedded default were ~140 whole documents and CLM on them
-ended ~6 % worse). The chunk set is cached on disk (a `datasets` Arrow folder with columns
-``id, row, text, starts_document, ends_document, nbytes, input_ids``).
+Rows are numbered in a seeded random order and chunk ids are consecutive within a row, in row order: ids are stable
+for a given corpus, target tokenizer, block size and seed, which the ``fingerprint`` covers. Teachers are run on the
+first ``representations.max_chunks`` ids (a row cut off there is not used) and shards hold consecutive ids. With
+rows in random order, the rows used are a uniform sample of the whole corpus, the first epoch reads them in id order
+(a uniform shuffle, the same for every method: `fusion.data.rows`) and every window of shards that later epochs
+shuffle within mixes all of it (in corpus order, chunking v1, the 2,560 chunks of the embedded default were ~140
+whole documents and CLM on them ended ~6 % worse). The chunk set is cached on disk (a `datasets` Arrow folder with
+columns ``id, row, text, starts_document, ends_document, nbytes, input_ids``).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class ConsumedBatches(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         loaders = trainer.train_dataloader
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            if hasattr(loader, "batch_consumed"):  # ResumableLoader, fusion.data.fused.FusedLoader
+            if hasattr(loader, "batch_consumed"):  # ResumableLoader, fusion.data.rows.RowLoader
                 loader.batch_consumed()
 
 

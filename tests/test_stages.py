@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fusion.config import Recipe
 from fusion.methods.base import Method
-from fusion.methods.clm import text_datamodule
+from fusion.methods.clm import row_datamodule
 from fusion.methods.registry import METHODS, register
 from fusion.modules.base import CausalLMModule
 from fusion.pipeline import plan, read_records, run, stage_states
@@ -95,7 +95,7 @@ class Seeds(Method):
                                                for s in (1, 2)}),)
 
     def datamodule(self, ctx):
-        return text_datamodule(ctx)
+        return row_datamodule(ctx)
 
 
 @pytest.fixture

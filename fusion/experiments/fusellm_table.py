@@ -1,15 +1,18 @@
 """The FuseLLM paper's comparison in miniature, on the embedded zoo: one command, one table, one plot.
 
-    python -m fusion.experiments.fusellm_table            # 7 variants x 3 seeds, ~30 minutes on 2 CPU cores
+    python -m fusion.experiments.fusellm_table            # 3 variants x 3 seeds, ~20 minutes on 2 CPU cores
 
 Every variant starts from the same target (``zoo:target``) and trains for the same steps and batch shape
 (those of ``recipes/fusellm.yaml``); only the objective (or the data path) differs, and the learning rate, which
-each recipe sets to its own best (`fusion.experiments.lr_sweep`; the fusion variants take ``fusellm.yaml``'s):
+each recipe sets to its own best (`fusion.experiments.lr_sweep`; the fusion variants take ``fusellm.yaml``'s).
+By default ``clm``, ``fusellm`` and ``kd-oracle``; ``--only`` picks any of
 
-    clm                  ``recipes/clm.yaml``: the causal-LM loss on packed text blocks, what a user runs
-                         without fusion (the paper's "Llama-2 CLM"); every difference is measured against it
-    clm-chunks           ``fusellm.yaml`` with lambda = 1 at ``clm.yaml``'s learning rate: the same loss and
-                         rate on the fusion data path's rows
+    clm                  ``recipes/clm.yaml``: the causal-LM loss, what a user runs without fusion (the paper's
+                         "Llama-2 CLM"); every difference is measured against it. On the same seed it trains on
+                         the same rows in the same batches as every fusion variant (`fusion.data.rows`), so a
+                         paired difference measures the objective, not two draws of data
+    clm-chunks           ``fusellm.yaml`` with lambda = 1 at ``clm.yaml``'s learning rate: the same loss, rate and
+                         batches through the fusion module and loader
     fusellm              FuseLLM as the embedded default runs it (``recipes/fusellm.yaml``): target + both
                          sources, top-50, prefix alignment, MinCE per 32-token span, the top-k's tail as one
                          outcome
@@ -21,7 +24,7 @@ each recipe sets to its own best (`fusion.experiments.lr_sweep`; the fusion vari
                          model with the target's own tokenizer: no alignment loss at all, so it checks the
                          distillation path and bounds what aligned sources of that strength could give
 
-and, with ``--only``, one setting of ``fusellm`` changed at a time: ``fusellm-renormalise``, ``fusellm-top10``,
+and the variants that change one setting of ``fusellm`` at a time: ``fusellm-renormalise``, ``fusellm-top10``,
 ``fusellm-top100``, ``fusellm-t2`` (the teachers at temperature 2), ``fusellm-sequence``, ``fusellm-token``,
 ``fusellm-span8`` / ``-span128``, ``fusellm-mined``, ``fusellm-lambda0.9`` / ``0.5`` / ``0.3`` (and
 ``fusellm-lambda0.5-renormalise``: λ × tail; ``fusellm-lambda0.5-lr8e-3``: λ × rate); ``fusellm-route-domain``
@@ -105,7 +108,7 @@ VARIANTS = {  # name -> (recipe, overrides)
     "kd-gpt2-code": ("fusellm.yaml", [f"teachers=[{TEACHERS['gpt2-code']}]"]),
     "kd-neox-prose": ("fusellm.yaml", [f"teachers=[{TEACHERS['neox-prose']}]"]),
 }
-DEFAULT = ("clm", "clm-chunks", "fusellm", "fusellm-paper", "fusellm-paper-avgce", "fusellm-paper-exact", "kd-oracle")
+DEFAULT = ("clm", "fusellm", "kd-oracle")
 SOURCES = ("gpt2-code", "neox-prose", "oracle")
 KEYS = {"overall": "val/perplexity", "code": "val/perplexity/code", "prose": "val/perplexity/prose"}
 

@@ -20,7 +20,7 @@ from fusion.methods.fusellm import FuseLLM, fusion_plan
 from fusion.methods.sft import chat_source, check_chat
 from fusion.stages.chat import ACCURACY, Accuracy, ChatEvaluate
 from fusion.stages.teachers import Alignment, ChatRepresentations
-from fusion.stages.training import EVALUATION, TRAINING, Baseline, Export, Train
+from fusion.stages.training import EVALUATION, ROWS_VERSION, TRAINING, Baseline, Export, Train
 
 CHAT_TRAINING = (*TRAINING, "chat")
 
@@ -36,8 +36,8 @@ class ChatFusion(FuseLLM):
     name = "chat-fusion"
     summary = "a chat model learns from its conversations and the fused top-k distributions of its teachers"
     stages = (ChatRepresentations(), Alignment(), Baseline(config=(*EVALUATION, "chat")), Accuracy(),
-              Train(needs=("alignment",), config=CHAT_TRAINING), Export(),
-              ChatEvaluate(config=(*EVALUATION, *ACCURACY)))
+              Train(needs=("alignment",), config=CHAT_TRAINING, version=ROWS_VERSION),
+              Export(), ChatEvaluate(config=(*EVALUATION, *ACCURACY)))
 
     def check(self, recipe: Recipe) -> None:
         check_teachers(recipe, self.name)

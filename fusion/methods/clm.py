@@ -14,7 +14,7 @@ from fusion.data.rows import RowBatches, RowDataModule, all_rows
 from fusion.data.text import TextDataModule, load_tokenizer
 from fusion.methods.base import Method
 from fusion.modules.base import CausalLMModule
-from fusion.stages.training import TRAINING, Baseline, Evaluate, Export, Train
+from fusion.stages.training import ROWS_VERSION, TRAINING, Baseline, Evaluate, Export, Train
 
 # What clm's training depends on: not the teachers, the fusion settings or how many chunks they read; the rows'
 # order after the first epoch follows representations.chunks_per_shard (`row_datamodule`).
@@ -48,7 +48,7 @@ def row_datamodule(ctx) -> RowDataModule:
 class CLM(Method):
     name = "clm"
     summary = "continual causal-LM training of the target on its own tokens"
-    stages = (Baseline(), Train(config=CLM_TRAINING), Export(), Evaluate())
+    stages = (Baseline(), Train(config=CLM_TRAINING, version=ROWS_VERSION), Export(), Evaluate())
     module = CausalLMModule
 
     def datamodule(self, ctx) -> RowDataModule:

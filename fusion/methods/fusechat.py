@@ -26,7 +26,7 @@ from fusion.stages.chat import Accuracy, FuseChatEvaluate
 from fusion.stages.merging import Merge, merge_config
 from fusion.stages.subruns import SubRuns
 from fusion.stages.teachers import Alignment, ChatRepresentations
-from fusion.stages.training import EVALUATION, Baseline, Export, Train
+from fusion.stages.training import EVALUATION, ROWS_VERSION, Baseline, Export, Train
 
 PIVOT = "pivot"  # the pivot's label among each pair's teachers
 
@@ -57,8 +57,8 @@ class FuseChat(ChatFusion):
     open_keys = ("teachers", "merge")
     stages = (Baseline(config=(*EVALUATION, "chat")), Accuracy(),
               SubRuns(name="pairs", config=CHAT_TRAINING, branches=pairs, method=ChatFusion(),
-                      stages=(ChatRepresentations(), Alignment(), Train(needs=("alignment",), config=CHAT_TRAINING),
-                              Export()),
+                      stages=(ChatRepresentations(), Alignment(),
+                              Train(needs=("alignment",), config=CHAT_TRAINING, version=ROWS_VERSION), Export()),
                       summary="one chat-fusion run per source, the pivot and that source as teachers"),
               Merge(), FuseChatEvaluate())
 

@@ -16,7 +16,7 @@ from fusion.methods.base import Method
 from fusion.methods.clm import text_datamodule
 from fusion.modules.fusellm import FuseLLMModule
 from fusion.stages.teachers import Alignment, Representations
-from fusion.stages.training import Baseline, Evaluate, Export, Train
+from fusion.stages.training import ROWS_VERSION, Baseline, Evaluate, Export, Train
 
 
 def fusion_plan(recipe: Recipe, teachers: list[TeacherConfig]) -> list[str]:
@@ -34,7 +34,8 @@ def fusion_plan(recipe: Recipe, teachers: list[TeacherConfig]) -> list[str]:
 class FuseLLM(Method):
     name = "fusellm"
     summary = "FuseLLM: the target learns from its tokens and the fused top-k distributions of its teachers"
-    stages = (Representations(), Alignment(), Baseline(), Train(needs=("alignment",)), Export(), Evaluate())
+    stages = (Representations(), Alignment(), Baseline(), Train(needs=("alignment",), version=ROWS_VERSION), Export(),
+              Evaluate())
     module = FuseLLMModule
 
     def check(self, recipe: Recipe) -> None:

@@ -23,6 +23,9 @@ from fusion.trainer import build_trainer
 # What a validation pass depends on: the model, the data, how it is run, and the module's code.
 EVALUATION = ("model", "data", "trainer.accelerator", "trainer.precision", "trainer.batch_size", "seed", "zoo.size",
               "module_class", "module_args")
+# The version of a Train stage that reads the chunk set's rows (clm, fusellm, chat fusion): 2 = the first epoch in
+# the order every method shares (`fusion.data.rows`), so runs trained in the older order are stale, not reused.
+ROWS_VERSION = 2
 # What training depends on: everything but where results go and how they are logged.
 TRAINING = ("model", "data", "teachers", "representations", "fusion", "optim", "trainer", "fsdp", "deepspeed", "seed",
             "module_class", "module_args", "zoo.size")
@@ -53,7 +56,6 @@ class Baseline(Stage):
 class Train(Stage):
     name = "train"
     config = TRAINING
-    version = 2  # 2: rows in the order every method shares (`fusion.data.rows`); clm trains on the chunk set's rows
     outputs = ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "metrics.jsonl", "wandb/")
     summary = "Lightning fit, resumable at the exact batch from its last checkpoint"
 
